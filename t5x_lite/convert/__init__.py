@@ -1,0 +1,1 @@
+"""Checkpoint conversion: HF safetensors <-> params pytree (declarative layouts), and our orbax format."""

@@ -1,0 +1,80 @@
+"""Our own checkpoint format: `config.json` (our config dataclass) + `params/` written by orbax."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from t5x_lite import sharding
+from t5x_lite.convert.families import FAMILIES, family_of_config
+from t5x_lite.errors import ConversionError
+from t5x_lite.models.params import abstract_params, axes_tree
+
+FORMAT_KEY = "t5x_lite_format"
+
+
+def is_checkpoint_dir(path: str) -> bool:
+  cfg = os.path.join(path, "config.json")
+  if not (os.path.isdir(os.path.join(path, "params")) and os.path.exists(cfg)):
+    return False
+  try:
+    with open(cfg) as f:
+      return FORMAT_KEY in json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def config_to_json(config) -> str:
+  return json.dumps({FORMAT_KEY: 1, "family": config.family, "config": dataclasses.asdict(config)}, indent=2)
+
+
+def config_from_json(text: str, source: str):
+  try:
+    data = json.loads(text)
+    family = FAMILIES[data["family"]]
+    fields = {f.name for f in dataclasses.fields(family.config_class)}
+    unknown = set(data["config"]) - fields
+    if unknown:
+      raise ConversionError(f"{source}: unknown config fields {sorted(unknown)}")
+    return family.config_class(**data["config"])
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ConversionError(f"{source}: not a t5x_lite config ({type(e).__name__}: {e})") from None
+
+
+def save_checkpoint(params: dict, config, out_dir: str) -> None:
+  """Writes params with orbax (atomically: orbax finalises a temporary directory) and then config.json."""
+  out_dir = os.path.abspath(out_dir)
+  params_dir = os.path.join(out_dir, "params")
+  if os.path.exists(params_dir):
+    raise FileExistsError(f"{params_dir} already exists; choose an empty --out directory")
+  os.makedirs(out_dir, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(params_dir, params)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    f.write(config_to_json(config) + "\n")
+
+
+def load_checkpoint(path: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
+  """(config, params) from a directory written by `save_checkpoint`, placed on `mesh` if given."""
+  path = os.path.abspath(path)
+  cfg_path = os.path.join(path, "config.json")
+  with open(cfg_path) as f:
+    config = config_from_json(f.read(), cfg_path)
+  if param_dtype:
+    config = config.replace(param_dtype=param_dtype)
+  if compute_dtype:
+    config = config.replace(dtype=compute_dtype)
+  specs = family_of_config(config).model.param_specs(config)
+  abstract = abstract_params(specs, jnp.dtype(config.param_dtype))
+  if mesh is not None:
+    shardings = sharding.tree_shardings(mesh, axes_tree(specs), abstract)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(path, "params"), target)
+  return config, params

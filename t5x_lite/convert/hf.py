@@ -1,0 +1,151 @@
+"""transformers model directory <-> (config, params), streamed tensor by tensor.
+
+Import never builds a torch model and never holds the checkpoint twice: each tensor is read from the
+memory-mapped file, rearranged into its slot of the stacked leaf, and each finished leaf is handed to the
+device (sharded when a mesh is given) before the next one is built.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from t5x_lite import sharding
+from t5x_lite.convert.families import Family, family_of_config, family_of_model_type
+from t5x_lite.convert.layout import hf_shape, to_hf, to_ours
+from t5x_lite.convert.safetensors_io import CheckpointReader, write_checkpoint
+from t5x_lite.errors import ConversionError
+from t5x_lite.models.params import is_spec
+
+
+def read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: file not found")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def _flat_specs(specs) -> dict[tuple[str, ...], object]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+  return {tuple(k.key for k in path): spec for path, spec in flat}
+
+
+def _expected_tensors(family: Family, config) -> dict[str, tuple]:
+  """HF name -> (rule, layer index or None, expected HF shape, our per-layer shape)."""
+  flat = _flat_specs(family.model.param_specs(config))
+  out = {}
+  covered = set()
+  for rule in family.layout(config):
+    spec = flat[rule.ours]
+    covered.add(rule.ours)
+    per_layer = spec.shape[1:] if rule.stacked else spec.shape
+    for i in range(spec.shape[0] if rule.stacked else 1):
+      name = rule.hf.format(i=i) if rule.stacked else rule.hf
+      out[name] = (rule, i if rule.stacked else None, hf_shape(rule.transform, per_layer), per_layer)
+  assert covered == set(flat), f"layout does not cover params: {set(flat) ^ covered}"
+  return out
+
+
+def load_hf_config(model_dir: str, reader: CheckpointReader | None = None):
+  """Our config for an HF directory (its config.json, plus the tensor names that decide tying)."""
+  path = os.path.join(model_dir, "config.json")
+  hf = read_json(path)
+  family = family_of_model_type(hf.get("model_type"), path)
+  reader = reader or CheckpointReader(model_dir)
+  return family.config_from_hf(hf, reader.names(), source=path)
+
+
+def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
+                   reader: CheckpointReader | None = None) -> dict:
+  """Params pytree (param dtype of `config`) from the HF checkpoint in `model_dir`.
+
+  Every name and shape is checked against the layout before any tensor is read, so a wrong checkpoint fails
+  fast with the tensor named: `ConversionError` for missing, unexpected and mis-shaped tensors.
+  """
+  family = family_of_config(config)
+  reader = reader or CheckpointReader(model_dir)
+  expected = _expected_tensors(family, config)
+  present = reader.names()
+  missing = [n for n in expected if n not in present]
+  if missing:
+    _, _, shape, _ = expected[missing[0]]
+    raise ConversionError(f"{model_dir}: tensor {missing[0]!r} is missing (expected shape {shape})"
+                          + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""))
+  unexpected = sorted(present - set(expected) - set(family.ignored(config)))
+  if unexpected:
+    name = unexpected[0]
+    raise ConversionError(f"{reader.file_of[name]}: unexpected tensor {name!r} with shape {reader.shape(name)} "
+                          f"for {config.model_type} task {config.task!r}"
+                          + (f"; {len(unexpected) - 1} more unexpected" if len(unexpected) > 1 else ""))
+  for name, (_, _, shape, _) in expected.items():
+    found = reader.shape(name)
+    if found != shape:
+      raise ConversionError(f"{reader.file_of[name]}: tensor {name!r} has shape {found}, expected {shape}")
+
+  dtype = jnp.dtype(config.param_dtype)
+  flat_specs = _flat_specs(family.model.param_specs(config))
+  by_leaf: dict[tuple, list[str]] = {}
+  for name, (rule, _, _, _) in expected.items():
+    by_leaf.setdefault(rule.ours, []).append(name)
+  leaves = {}
+  bar = tqdm(total=len(expected), desc=f"converting {os.path.basename(os.path.normpath(model_dir))}",
+             unit="tensor", disable=not progress)
+  for path, names in by_leaf.items():
+    spec = flat_specs[path]
+    host = np.empty(spec.shape, dtype)
+    for name in names:
+      rule, layer, _, per_layer = expected[name]
+      value = to_ours(rule.transform, reader.get(name), per_layer)
+      if layer is None:
+        host[...] = value
+      else:
+        host[layer] = value
+      bar.update(1)
+    target = None if mesh is None else sharding.named_sharding(mesh, spec.axes, spec.shape)
+    leaves[path] = jax.device_put(host, target) if target is not None else jnp.asarray(host)
+    del host
+  bar.close()
+  return _unflatten(leaves)
+
+
+def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def hf_tensors(params: dict, config, dtype=None):
+  """Yields (HF name, numpy array) one at a time, in layout order."""
+  family = family_of_config(config)
+  dtype = jnp.dtype(dtype or config.param_dtype)
+  for rule in family.layout(config):
+    leaf = params
+    for key in rule.ours:
+      leaf = leaf[key]
+    host = np.asarray(jax.device_get(leaf)).astype(dtype)
+    if rule.stacked:
+      for i in range(host.shape[0]):
+        yield rule.hf.format(i=i), to_hf(rule.transform, host[i])
+    else:
+      yield rule.hf, to_hf(rule.transform, host)
+
+
+def save_hf(params: dict, config, out_dir: str, *, dtype=None, max_shard_bytes: int = 2 * 1024 ** 3,
+            extra_files: dict[str, str] | None = None) -> None:
+  """Writes `config.json` + `model.safetensors` (or shards + index) that transformers loads."""
+  family = family_of_config(config)
+  hf_config = family.config_to_hf(config)
+  if dtype is not None:
+    hf_config["dtype"] = str(jnp.dtype(dtype))
+  files = {"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}
+  write_checkpoint(hf_tensors(params, config, dtype), out_dir, max_shard_bytes=max_shard_bytes, extra_files=files)

@@ -1,0 +1,137 @@
+"""Reading and writing transformers safetensors checkpoints one tensor at a time.
+
+Reading goes through `safetensors.safe_open` (memory-mapped), so a tensor is materialised only when asked
+for; every failure is re-raised as `ConversionError` naming the file (and tensor).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from t5x_lite.errors import ConversionError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+  """The tensors of an HF model directory (single `model.safetensors` or a sharded index)."""
+
+  def __init__(self, model_dir: str):
+    self.model_dir = model_dir
+    self._handles: dict[str, object] = {}
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    single_path = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.exists(index_path):
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index_path}: not a valid safetensors index ({e})") from None
+      self.file_of = {name: os.path.join(model_dir, fname) for name, fname in weight_map.items()}
+      for path in sorted(set(self.file_of.values())):
+        if not os.path.exists(path):
+          raise ConversionError(f"{index_path}: lists shard {os.path.basename(path)!r}, which is missing")
+      # The index could disagree with its shards: trust the shards' own headers.
+      listed = self.file_of
+      self.file_of = {}
+      for path in sorted(set(listed.values())):
+        for name in self._open(path).keys():
+          self.file_of[name] = path
+      for name, path in listed.items():
+        if name not in self.file_of:
+          raise ConversionError(f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file")
+    elif os.path.exists(single_path):
+      self.file_of = {name: single_path for name in self._open(single_path).keys()}
+    else:
+      raise ConversionError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+  def _open(self, path: str):
+    if path not in self._handles:
+      try:
+        self._handles[path] = safe_open(path, framework="np")
+      except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return self._handles[path]
+
+  def names(self) -> set[str]:
+    return set(self.file_of)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    path = self.file_of[name]
+    try:
+      return self._open(path).get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+      raise ConversionError(f"{path}: cannot read tensor {name!r} (truncated or corrupt file?): {e}") from None
+
+
+def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
+                     max_shard_bytes: int = 2 * 1024 ** 3, extra_files: dict[str, str] | None = None) -> None:
+  """Writes tensors as `model.safetensors` (or shards plus an index when over `max_shard_bytes`).
+
+  Tensors arrive one at a time; at most one shard is held in memory. Everything is written into a
+  temporary directory beside `out_dir` and moved into place at the end, so a failure leaves no half-written
+  checkpoint. `extra_files` maps file names to text contents (config.json, ...).
+  """
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_files: list[str] = []
+    size = 0
+    total = 0
+
+    def flush():
+      nonlocal size
+      name = f"shard-{len(shard_files):05d}.safetensors"
+      save_file(shards[-1], os.path.join(tmp, name), metadata={"format": "pt"})
+      shard_files.append(name)
+      shards[-1] = {}
+      size = 0
+
+    weight_map = {}
+    for name, array in tensors:
+      nbytes = array.nbytes
+      if shards[-1] and size + nbytes > max_shard_bytes:
+        flush()
+      shards[-1][name] = array
+      weight_map[name] = len(shard_files)
+      size += nbytes
+      total += nbytes
+    flush()
+    if len(shard_files) == 1:
+      os.rename(os.path.join(tmp, shard_files[0]), os.path.join(tmp, SINGLE_FILE))
+    else:
+      n = len(shard_files)
+      final_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+      for old, new in zip(shard_files, final_names):
+        os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+      index = {"metadata": {"total_size": total},
+               "weight_map": {name: final_names[k] for name, k in sorted(weight_map.items())}}
+      with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+    for fname, text in (extra_files or {}).items():
+      with open(os.path.join(tmp, fname), "w") as f:
+        f.write(text)
+    if not os.path.exists(out_dir):
+      os.rename(tmp, out_dir)
+      return
+    # Into an existing directory: replace only our files, and drop weight files of an earlier export so
+    # that no stale shard or index remains beside the new ones.
+    for fname in os.listdir(out_dir):
+      if fname.startswith("model") and ".safetensors" in fname and not os.path.exists(os.path.join(tmp, fname)):
+        os.remove(os.path.join(out_dir, fname))
+    for fname in os.listdir(tmp):
+      os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""`t5x_lite.load` and the `Model` object of the public contract (../shared/design/API.md)."""
+
+import contextlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import sharding
+from t5x_lite.convert import checkpoint, hf
+from t5x_lite.convert.families import family_of_config
+from t5x_lite.errors import ConversionError
+
+
+def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None, *,
+         param_dtype: str | None = None, progress: bool = True) -> "Model":
+  """Loads an HF model directory, a t5x_lite checkpoint directory, or a train.py workdir.
+
+  `dtype` is the compute dtype; params are stored in `param_dtype` (default: the same as `dtype`).
+  With `mesh`, params are placed sharded by the logical-axis rules in `t5x_lite.sharding`.
+  """
+  param_dtype = param_dtype or dtype
+  for d in (dtype, param_dtype):
+    if d not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"dtype must be float32, bfloat16 or float16, got {d!r}")
+  if not os.path.isdir(path):
+    raise ConversionError(f"{path}: not a directory")
+  if checkpoint.is_checkpoint_dir(path):
+    config, params = checkpoint.load_checkpoint(path, mesh=mesh, param_dtype=param_dtype, compute_dtype=dtype)
+  elif os.path.exists(os.path.join(path, "config.json")):
+    reader = hf.CheckpointReader(path)
+    config = hf.load_hf_config(path, reader).replace(dtype=dtype, param_dtype=param_dtype)
+    params = hf.load_hf_params(path, config, mesh=mesh, progress=progress, reader=reader)
+  else:
+    raise ConversionError(f"{path}: no config.json here: not an HF model directory or a t5x_lite checkpoint")
+  from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  return Model(config, params, tokenizer=load_tokenizer(path, config.family), mesh=mesh)
+
+
+class Model:
+  """A loaded model: config, params, tokenizer, and numpy-in / numpy-out entry points.
+
+  Inputs follow transformers' conventions: int arrays (B, T), masks with 1 for real tokens.
+  """
+
+  def __init__(self, config, params: dict, *, tokenizer=None, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self._family = family_of_config(config)
+    model = self._family.model
+    self._forward = jax.jit(lambda params, *args: model.forward(params, config, *args))
+    self._encode = jax.jit(lambda params, *args: model.encode(params, config, *args))
+
+  # -------------------------------------------------------------------------------------------- inputs
+
+  def _ids(self, x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"{name} must be a 2-D integer array (batch, length), got {arr.dtype} {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+      bad = arr[(arr < 0) | (arr >= self.config.vocab_size)][0]
+      raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+    return arr.astype(np.int32)
+
+  def _mask(self, x, like: np.ndarray, name: str) -> np.ndarray | None:
+    if x is None:
+      return None
+    arr = np.asarray(x)
+    if arr.shape != like.shape:
+      raise ValueError(f"{name} has shape {arr.shape}, but its ids have shape {like.shape}")
+    return arr.astype(np.int32)
+
+  def _place(self, arr):
+    if arr is None or self.mesh is None:
+      return arr
+    axes = ("act_batch",) + (None,) * (arr.ndim - 1)
+    return jax.device_put(arr, sharding.named_sharding(self.mesh, axes, arr.shape))
+
+  def _mesh_context(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  # ------------------------------------------------------------------------------------ the contract
+
+  def logits(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+             pixel_values=None) -> np.ndarray:
+    """float32 logits: (B, T, V) for language models (at each decoder position for encoder-decoders);
+    (B, labels) for sequence classification; (B, S, labels) for token classification and QA."""
+    self._no_pixels(pixel_values)
+    ids = self._ids(input_ids, "input_ids")
+    mask = self._mask(attention_mask, ids, "attention_mask")
+    task = self.config.task
+    if task == "encoder":
+      raise ValueError("this is an encoder-only model: it has no logits; call model.encode(...)")
+    dec = dec_mask = None
+    if decoder_input_ids is not None:
+      dec = self._ids(decoder_input_ids, "decoder_input_ids")
+      dec_mask = self._mask(decoder_attention_mask, dec, "decoder_attention_mask")
+    elif task == "lm" and self.config.family == "t5":
+      raise ValueError("decoder_input_ids is required for an encoder-decoder language model")
+    if task == "seq_cls":
+      no_eos = np.flatnonzero(~(ids == self.config.eos_token_id).any(axis=1))
+      if no_eos.size:
+        raise ValueError(f"sequence classification reads the last EOS (id {self.config.eos_token_id}) of each "
+                         f"row; row {no_eos[0]} of input_ids has none")
+    with self._mesh_context():
+      out = self._forward(self.params, *map(self._place, (ids, mask, dec, dec_mask)))
+    return np.asarray(out, dtype=np.float32)
+
+  def encode(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
+    """Final encoder hidden states, float32 (B, S, D)."""
+    self._no_pixels(pixel_values)
+    if not getattr(self.config, "is_encoder_decoder", False) and self.config.task not in ("encoder", "token_cls"):
+      raise ValueError(f"{self.config.family} is decoder-only: it has no encoder")
+    ids = self._ids(input_ids, "input_ids")
+    mask = self._mask(attention_mask, ids, "attention_mask")
+    with self._mesh_context():
+      out = self._encode(self.params, self._place(ids), self._place(mask))
+    return np.asarray(out, dtype=np.float32)
+
+  def generate(self, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens, method="greedy",
+               temperature=1.0, top_k=0, top_p=1.0, num_beams=4, length_penalty=1.0, seed=0) -> np.ndarray:
+    raise NotImplementedError("generation is not built yet: it lands with the decoding issue (#4)")
+
+  def score(self, input_ids, target_ids, attention_mask=None) -> np.ndarray:
+    raise NotImplementedError("scoring is not built yet: it lands with the decoding issue (#4)")
+
+  def save_hf(self, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024 ** 3) -> None:
+    """Writes config.json + model.safetensors (sharded over `max_shard_bytes`) that transformers loads."""
+    hf.save_hf(self.params, self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
+               extra_files=self._tokenizer_files())
+
+  def save(self, out_dir: str) -> None:
+    """Writes our own checkpoint format (orbax params + config.json)."""
+    checkpoint.save_checkpoint(self.params, self.config, out_dir)
+
+  def _tokenizer_files(self) -> dict:
+    return {}
+
+  def _no_pixels(self, pixel_values):
+    if pixel_values is not None:
+      raise ValueError(f"pixel_values given, but {self.config.family} has no vision encoder")
+
+  def __repr__(self):
+    n = sum(x.size for x in jax.tree.leaves(self.params))
+    return f"Model({self.config.family}/{self.config.model_type}, task={self.config.task}, params={n:,})"

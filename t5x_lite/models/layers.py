@@ -1,0 +1,54 @@
+"""Helpers every family uses to build and run a stack of identical layers."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "full",
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(layer_fn: Callable, x, stacked_params, *, num_layers: int, rng: jax.Array | None = None,
+                remat: str = "none"):
+  """Runs `layer_fn(x, layer_params, layer_rng) -> x` over params stacked on a leading layer axis.
+
+  `jax.lax.scan` traces the layer once, so compile time does not grow with depth. `remat` ("none", "full",
+  "dots") recomputes activations in the backward pass instead of storing them.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+  fn = layer_fn
+  if remat == "full":
+    fn = jax.checkpoint(layer_fn)
+  elif remat != "none":
+    fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[remat])
+  keys = None if rng is None else jax.random.split(rng, num_layers)
+
+  def body(carry, xs):
+    layer_params, key = xs
+    return fn(carry, layer_params, key), None
+
+  x, _ = jax.lax.scan(body, x, (stacked_params, keys))
+  return x
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list:
+  """n keys from `rng`, or n Nones when running without dropout."""
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def embed(embedding_VD: jax.Array, ids_BT: jax.Array, dtype) -> jax.Array:
+  """Token embedding lookup in the compute dtype."""
+  return jnp.take(embedding_VD, ids_BT, axis=0).astype(dtype)
+
+
+def dense(x: jax.Array, params: dict) -> jax.Array:
+  """x @ kernel (+ bias), in x's dtype."""
+  y = x @ params["kernel"].astype(x.dtype)
+  if "bias" in params:
+    y = y + params["bias"].astype(x.dtype)
+  return y

@@ -1,0 +1,50 @@
+"""Multi-head attention core shared by every family: MHA, GQA and MQA, bias, masks, soft-capping."""
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite import sharding
+
+
+def project_heads(x_BTD: jax.Array, kernel_DNH: jax.Array) -> jax.Array:
+  """x @ W for a per-head kernel (D, N, H) -> (B, T, N, H)."""
+  return jnp.einsum("BTD,DNH->BTNH", x_BTD, kernel_DNH.astype(x_BTD.dtype))
+
+
+def merge_heads(x_BTNH: jax.Array, kernel_NHD: jax.Array) -> jax.Array:
+  """Output projection (N, H, D): (B, T, N, H) -> (B, T, D)."""
+  return jnp.einsum("BTNH,NHD->BTD", x_BTNH, kernel_NHD.astype(x_BTNH.dtype))
+
+
+def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
+                          mask: jax.Array | None = None, bias: jax.Array | None = None, scale: float = 1.0,
+                          softcap: float | None = None) -> jax.Array:
+  """softmax(scale * q k^T [softcapped] + bias, masked) v  -> (B, T, N, H).
+
+  GQA/MQA: K key/value heads serve N = K*G query heads, query head n reading kv head n // G (transformers'
+  `repeat_kv` order). `mask` broadcasts to (B, N, T, S) with True = attend; masked logits become the dtype's
+  minimum (not -inf), so a fully masked row averages uniformly instead of producing NaN, like HF eager.
+  `bias` broadcasts to (B, N, T, S). The softmax runs in float32.
+  """
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G = N // K
+  q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  logits_BKGTS = logits_BKGTS * scale
+  if softcap is not None:
+    logits_BKGTS = jnp.tanh(logits_BKGTS / softcap) * softcap
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (bias.shape[0], N, T, S)).reshape(bias.shape[0], K, G, T, S)
+    logits_BKGTS = logits_BKGTS + bias.astype(jnp.float32)
+  if mask is not None:
+    mask_BKGTS = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], T, S))
+    if mask_BKGTS.shape[1] == 1:
+      mask_BKGTS = mask_BKGTS[:, :, None]
+    else:
+      mask_BKGTS = mask_BKGTS.reshape(mask.shape[0], K, G, T, S)
+    logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+  out_BTNH = out_BTKGH.reshape(B, T, N, H)
+  return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))

@@ -1,0 +1,18 @@
+"""RMS normalisation in the two conventions of the supported families."""
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x_BxD: jax.Array, scale_D: jax.Array, *, eps: float, zero_centered: bool = False) -> jax.Array:
+  """Root-mean-square norm over the last axis, computed in float32 and returned in `x`'s dtype.
+
+  T5 stores a plain scale (`y * scale`); the Gemma family stores a zero-centred one (`y * (1 + scale)`), and
+  multiplies in float32 before casting back, which `zero_centered=True` reproduces.
+  """
+  xf = x_BxD.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  scale = scale_D.astype(jnp.float32)
+  if zero_centered:
+    scale = 1.0 + scale
+  return (y * scale).astype(x_BxD.dtype)

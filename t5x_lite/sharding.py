@@ -1,0 +1,97 @@
+"""The one place where logical axis names meet mesh axes.
+
+Every parameter and the main activations carry logical axis names (`embed`, `heads`, `mlp`, ...);
+`LOGICAL_AXIS_RULES` maps each to mesh axes (`data`, `fsdp`, `tensor`). No mesh axis name appears in any
+other module. A dimension that a mesh axis does not divide is replicated instead of failing.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes, in priority order. Parameters use the plain names; activations the `act_` ones.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "kv": (),
+    "mlp": ("tensor",),
+    "layers": (),
+    "relpos_buckets": (),
+    "labels": (),
+    "norm": (),
+    # activations
+    "act_batch": ("data", "fsdp"),
+    "act_length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv": (),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """'data:2,fsdp:2,tensor:2' -> {'data': 2, 'fsdp': 2, 'tensor': 2}; axes left out have size 1."""
+  sizes = {axis: 1 for axis in MESH_AXES}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, sep, size = part.partition(":")
+    if not sep or name not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
+      raise ValueError(f"bad mesh spec {spec!r}: each part must be AXIS:SIZE with AXIS in {MESH_AXES} "
+                       f"and SIZE a positive integer (got {part!r})")
+    sizes[name] = int(size)
+  return sizes
+
+
+def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh with axes (data, fsdp, tensor) from a spec like 'data:2,tensor:4' over `devices` (all by default)."""
+  sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {a: spec.get(a, 1) for a in MESH_AXES}
+  devices = list(jax.devices() if devices is None else devices)
+  want = math.prod(sizes.values())
+  if want != len(devices):
+    raise ValueError(f"mesh {sizes} needs {want} devices but {len(devices)} are available")
+  return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int]) -> PartitionSpec:
+  """PartitionSpec for an array with these logical axes on a mesh of `mesh_shape` (axis -> size).
+
+  A dimension whose size the chosen mesh axes do not divide is replicated; a mesh axis is used at most once.
+  """
+  used: set[str] = set()
+  out = []
+  for name, size in zip(axes, shape, strict=True):
+    mesh_axes = tuple(a for a in LOGICAL_AXIS_RULES.get(name, ()) if a in mesh_shape and a not in used
+                      and mesh_shape[a] > 1) if name else ()
+    if mesh_axes and size % math.prod(mesh_shape[a] for a in mesh_axes) == 0:
+      used.update(mesh_axes)
+      out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    else:
+      out.append(None)
+  return PartitionSpec(*out)
+
+
+def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(axes, shape, dict(mesh.shape)))
+
+
+def tree_shardings(mesh: Mesh, axes_tree, shape_tree):
+  """NamedShardings for a params pytree from its logical-axes tree (tuples are leaves) and shapes tree."""
+  return jax.tree.map(lambda axes, x: named_sharding(mesh, axes, x.shape), axes_tree, shape_tree,
+                      is_leaf=lambda a: isinstance(a, tuple))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation inside jit when a mesh is set (`jax.set_mesh`); else a no-op."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
