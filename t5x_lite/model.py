@@ -35,7 +35,7 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = Non
   else:
     raise ConversionError(f"{path}: no config.json here: not an HF model directory or a t5x_lite checkpoint")
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  return Model(config, params, tokenizer=load_tokenizer(path, config.family), mesh=mesh)
+  return Model(config, params, tokenizer=load_tokenizer(path, config.family), mesh=mesh, source_dir=path)
 
 
 class Model:
@@ -44,8 +44,10 @@ class Model:
   Inputs follow transformers' conventions: int arrays (B, T), masks with 1 for real tokens.
   """
 
-  def __init__(self, config, params: dict, *, tokenizer=None, mesh: jax.sharding.Mesh | None = None):
+  def __init__(self, config, params: dict, *, tokenizer=None, mesh: jax.sharding.Mesh | None = None,
+               source_dir: str | None = None):
     self.config = config
+    self.source_dir = source_dir  # tokenizer files are copied from here on export
     self.params = params
     self.tokenizer = tokenizer
     self.mesh = mesh
@@ -130,14 +132,11 @@ class Model:
   def save_hf(self, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024 ** 3) -> None:
     """Writes config.json + model.safetensors (sharded over `max_shard_bytes`) that transformers loads."""
     hf.save_hf(self.params, self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-               extra_files=self._tokenizer_files())
+               extra_files=hf.tokenizer_files(self.source_dir))
 
   def save(self, out_dir: str) -> None:
-    """Writes our own checkpoint format (orbax params + config.json)."""
-    checkpoint.save_checkpoint(self.params, self.config, out_dir)
-
-  def _tokenizer_files(self) -> dict:
-    return {}
+    """Writes our own checkpoint format (orbax params + config.json, tokenizer files beside them)."""
+    checkpoint.save_checkpoint(self.params, self.config, out_dir, extra_files=hf.tokenizer_files(self.source_dir))
 
   def _no_pixels(self, pixel_values):
     if pixel_values is not None:

@@ -44,8 +44,9 @@ def config_from_json(text: str, source: str):
     raise ConversionError(f"{source}: not a t5x_lite config ({type(e).__name__}: {e})") from None
 
 
-def save_checkpoint(params: dict, config, out_dir: str) -> None:
-  """Writes params with orbax (atomically: orbax finalises a temporary directory) and then config.json."""
+def save_checkpoint(params: dict, config, out_dir: str, extra_files: dict[str, bytes] | None = None) -> None:
+  """Writes params with orbax (atomically: orbax finalises a temporary directory), extra files (tokenizer),
+  and config.json last, so a directory with a config.json is complete."""
   out_dir = os.path.abspath(out_dir)
   params_dir = os.path.join(out_dir, "params")
   if os.path.exists(params_dir):
@@ -53,6 +54,9 @@ def save_checkpoint(params: dict, config, out_dir: str) -> None:
   os.makedirs(out_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_dir, params)
+  for name, content in (extra_files or {}).items():
+    with open(os.path.join(out_dir, name), "wb") as f:
+      f.write(content)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     f.write(config_to_json(config) + "\n")
 

@@ -141,7 +141,7 @@ def hf_tensors(params: dict, config, dtype=None):
 
 
 def save_hf(params: dict, config, out_dir: str, *, dtype=None, max_shard_bytes: int = 2 * 1024 ** 3,
-            extra_files: dict[str, str] | None = None) -> None:
+            extra_files: dict[str, str | bytes] | None = None) -> None:
   """Writes `config.json` + `model.safetensors` (or shards + index) that transformers loads."""
   family = family_of_config(config)
   hf_config = family.config_to_hf(config)
@@ -149,3 +149,19 @@ def save_hf(params: dict, config, out_dir: str, *, dtype=None, max_shard_bytes: 
     hf_config["dtype"] = str(jnp.dtype(dtype))
   files = {"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}
   write_checkpoint(hf_tensors(params, config, dtype), out_dir, max_shard_bytes=max_shard_bytes, extra_files=files)
+
+
+# Files that travel with the weights so that the tokenizer (and generation defaults) load from either format.
+TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json", "generation_config.json")
+
+
+def tokenizer_files(model_dir: str | None) -> dict[str, bytes]:
+  """The tokenizer files present in `model_dir`, name -> bytes."""
+  out = {}
+  for name in TOKENIZER_FILES if model_dir else ():
+    path = os.path.join(model_dir, name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        out[name] = f.read()
+  return out

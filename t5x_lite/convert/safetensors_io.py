@@ -75,12 +75,12 @@ class CheckpointReader:
 
 
 def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
-                     max_shard_bytes: int = 2 * 1024 ** 3, extra_files: dict[str, str] | None = None) -> None:
+                     max_shard_bytes: int = 2 * 1024 ** 3, extra_files: dict[str, str | bytes] | None = None) -> None:
   """Writes tensors as `model.safetensors` (or shards plus an index when over `max_shard_bytes`).
 
   Tensors arrive one at a time; at most one shard is held in memory. Everything is written into a
   temporary directory beside `out_dir` and moved into place at the end, so a failure leaves no half-written
-  checkpoint. `extra_files` maps file names to text contents (config.json, ...).
+  checkpoint. `extra_files` maps file names to contents, str or bytes (config.json, tokenizer files).
   """
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
@@ -120,9 +120,9 @@ def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
                "weight_map": {name: final_names[k] for name, k in sorted(weight_map.items())}}
       with open(os.path.join(tmp, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
-    for fname, text in (extra_files or {}).items():
-      with open(os.path.join(tmp, fname), "w") as f:
-        f.write(text)
+    for fname, content in (extra_files or {}).items():
+      with open(os.path.join(tmp, fname), "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
     if not os.path.exists(out_dir):
       os.rename(tmp, out_dir)
       return

@@ -1,0 +1,232 @@
+"""HF <-> ours conversion: round trips through transformers, sharded indexes, our orbax format, the CLI,
+and the ConversionError raised for each kind of bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from conftest import T5_TINY, assert_close_to_hf, build_hf, untie_lm_head
+from safetensors.numpy import load_file, save_file
+
+import t5x_lite
+from t5x_lite import ConversionError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hf_logits(model, ids, mask, dec):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 decoder_input_ids=torch.tensor(dec)).logits.numpy()
+
+
+@pytest.fixture
+def v11_dir(tmp_path):
+  """A T5v1.1-style checkpoint: gated-gelu and an untied lm_head."""
+  d = tmp_path / "hf"
+  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY, feed_forward_proj="gated-gelu",
+                                                       tie_word_embeddings=False), d)
+  untie_lm_head(tf.T5ForConditionalGeneration, d)
+  return d
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_round_trip_through_transformers(tmp_path, batch, untied):
+  d = tmp_path / "hf"
+  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), d)
+  hf = untie_lm_head(tf.T5ForConditionalGeneration, d) if untied else \
+      tf.T5ForConditionalGeneration.from_pretrained(d).eval()
+  ids, mask, dec = batch
+  ref = _hf_logits(hf, ids, mask, dec)
+  model = t5x_lite.load(str(d), progress=False)
+  model.save_hf(str(tmp_path / "export"))
+  back = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+  np.testing.assert_array_equal(_hf_logits(back, ids, mask, dec), ref)
+  # Same tensors, bit for bit.
+  a, b = load_file(d / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (tf.T5EncoderModel, {}), (tf.T5ForSequenceClassification, {"num_labels": 3}),
+    (tf.T5ForTokenClassification, {"num_labels": 4}), (tf.T5ForQuestionAnswering, {}),
+    (tf.UMT5ForConditionalGeneration, {}), (tf.MT5ForConditionalGeneration, {}),
+])
+def test_heads_round_trip(tmp_path, batch, cls, kwargs):
+  config_cls = {"UMT5": tf.UMT5Config, "MT5F": tf.MT5Config}.get(cls.__name__[:4], tf.T5Config)
+  hf = build_hf(cls, config_cls(**T5_TINY, **kwargs), tmp_path / "hf")
+  ids, mask, _ = batch
+  ids[:, -1] = 1  # an EOS per row for sequence classification
+  mask[:, -1] = 1
+  model = t5x_lite.load(str(tmp_path / "hf"), progress=False)
+  model.save_hf(str(tmp_path / "export"))
+  back = cls.from_pretrained(tmp_path / "export").eval()
+  args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  if cls in (tf.UMT5ForConditionalGeneration, tf.MT5ForConditionalGeneration):
+    args["decoder_input_ids"] = torch.tensor(ids[:, :4])
+  with torch.no_grad():
+    out_a, out_b = hf(**args), back(**args)
+  for key in out_a:
+    if isinstance(out_a[key], torch.Tensor):
+      np.testing.assert_array_equal(out_a[key].numpy(), out_b[key].numpy(), err_msg=key)
+
+
+def test_sharded_index_checkpoint_loads(v11_dir, tmp_path, batch):
+  hf = tf.T5ForConditionalGeneration.from_pretrained(v11_dir).eval()
+  sharded = tmp_path / "sharded"
+  hf.save_pretrained(sharded, max_shard_size="20KB")
+  assert (sharded / "model.safetensors.index.json").exists()
+  assert len(list(sharded.glob("model-*.safetensors"))) > 2
+  ids, mask, dec = batch
+  model = t5x_lite.load(str(sharded), progress=False)
+  assert_close_to_hf(model.logits(ids, mask, dec), _hf_logits(hf, ids, mask, dec))
+  # Our export shards too when asked, and transformers reads that index.
+  model.save_hf(str(tmp_path / "ours_sharded"), max_shard_bytes=20_000)
+  assert (tmp_path / "ours_sharded" / "model.safetensors.index.json").exists()
+  back = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "ours_sharded").eval()
+  np.testing.assert_array_equal(_hf_logits(back, ids, mask, dec), _hf_logits(hf, ids, mask, dec))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "t5x_lite.convert", *args], capture_output=True, text=True,
+                        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_cli_round_trip_and_orbax_format(v11_dir, tmp_path, batch):
+  ids, mask, dec = batch
+  ref = _hf_logits(tf.T5ForConditionalGeneration.from_pretrained(v11_dir).eval(), ids, mask, dec)
+  ckpt = tmp_path / "ckpt"
+  r = _cli("--from-hf", str(v11_dir), "--out", str(ckpt))
+  assert r.returncode == 0, r.stderr
+  assert "converting" in r.stderr  # the progress bar
+  assert (ckpt / "params").is_dir()
+  model = t5x_lite.load(str(ckpt))
+  assert_close_to_hf(model.logits(ids, mask, dec), ref)
+  r = _cli("--to-hf", str(ckpt), "--out", str(tmp_path / "back"))
+  assert r.returncode == 0, r.stderr
+  back = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+  np.testing.assert_array_equal(_hf_logits(back, ids, mask, dec), ref)
+  # bfloat16 storage
+  r = _cli("--from-hf", str(v11_dir), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16")
+  assert r.returncode == 0, r.stderr
+  m16 = t5x_lite.load(str(tmp_path / "bf16"), dtype="bfloat16")
+  assert str(m16.params["embed"]["embedding"].dtype) == "bfloat16"
+  assert_close_to_hf(m16.logits(ids, mask, dec), ref, rtol=3e-2)
+  # Refuses to overwrite, and says so without a traceback.
+  r = _cli("--from-hf", str(v11_dir), "--out", str(ckpt))
+  assert r.returncode == 2 and "already holds a checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+def _rewrite(path, fn):
+  tensors = load_file(path)
+  fn(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_unknown_model_type(v11_dir):
+  cfg = json.loads((v11_dir / "config.json").read_text())
+  cfg["model_type"] = "bart"
+  (v11_dir / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ConversionError, match=r"config.json: model_type 'bart' is not supported"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_unsupported_architecture(v11_dir):
+  cfg = json.loads((v11_dir / "config.json").read_text())
+  cfg["architectures"] = ["T5WithLMHeadAndSomething"]
+  (v11_dir / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ConversionError, match="architecture 'T5WithLMHeadAndSomething' is not supported"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_invalid_config_json(v11_dir):
+  (v11_dir / "config.json").write_text('{"model_type": "t5",\n "d_model": 32,,}')
+  with pytest.raises(ConversionError, match=r"config.json: invalid JSON at line 2"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_missing_tensor(v11_dir):
+  _rewrite(v11_dir / "model.safetensors", lambda t: t.pop("decoder.block.2.layer.2.DenseReluDense.wo.weight"))
+  with pytest.raises(ConversionError, match=r"tensor 'decoder.block.2.layer.2.DenseReluDense.wo.weight' is "
+                                            r"missing \(expected shape \(32, 64\)\)"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_unexpected_tensor(v11_dir):
+  _rewrite(v11_dir / "model.safetensors", lambda t: t.update(extra_head=np.zeros((3, 3), np.float32)))
+  with pytest.raises(ConversionError, match=r"model.safetensors: unexpected tensor 'extra_head' with shape \(3, 3\)"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_misshaped_tensor(v11_dir):
+  _rewrite(v11_dir / "model.safetensors",
+           lambda t: t.update({"encoder.block.1.layer.0.SelfAttention.k.weight": np.zeros((16, 32), np.float32)}))
+  with pytest.raises(ConversionError, match=r"model.safetensors: tensor 'encoder.block.1.layer.0.SelfAttention.k"
+                                            r".weight' has shape \(16, 32\), expected \(32, 32\)"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_truncated_file(v11_dir):
+  path = v11_dir / "model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(ConversionError, match=r"model.safetensors: .*truncated or corrupt"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_corrupt_header(v11_dir):
+  path = v11_dir / "model.safetensors"
+  data = bytearray(path.read_bytes())
+  data[8:20] = b"not json!!!!"
+  path.write_bytes(bytes(data))
+  with pytest.raises(ConversionError, match=r"model.safetensors: .*truncated or corrupt"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_missing_shard(v11_dir, tmp_path):
+  sharded = tmp_path / "sharded"
+  tf.T5ForConditionalGeneration.from_pretrained(v11_dir).save_pretrained(sharded, max_shard_size="20KB")
+  victim = sorted(sharded.glob("model-*.safetensors"))[1]
+  victim.unlink()
+  with pytest.raises(ConversionError, match=f"lists shard '{victim.name}', which is missing"):
+    t5x_lite.load(str(sharded), progress=False)
+
+
+def test_no_weights(v11_dir):
+  (v11_dir / "model.safetensors").unlink()
+  with pytest.raises(ConversionError, match="no model.safetensors or model.safetensors.index.json"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_cli_reports_errors_cleanly(v11_dir, tmp_path):
+  _rewrite(v11_dir / "model.safetensors", lambda t: t.pop("shared.weight"))
+  r = _cli("--from-hf", str(v11_dir), "--out", str(tmp_path / "out"))
+  assert r.returncode == 2
+  assert "error:" in r.stderr and "'shared.weight' is missing" in r.stderr and "Traceback" not in r.stderr
+  assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_failed_export_leaves_no_partial_output(v11_dir, tmp_path, monkeypatch):
+  model = t5x_lite.load(str(v11_dir), progress=False)
+  from t5x_lite.convert import hf as hf_mod
+
+  def broken(*a, **k):
+    yield "shared.weight", np.zeros((2, 2), np.float32)
+    raise OSError("disk full")
+
+  monkeypatch.setattr(hf_mod, "hf_tensors", broken)
+  with pytest.raises(OSError, match="disk full"):
+    model.save_hf(str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+  shutil.rmtree(v11_dir)

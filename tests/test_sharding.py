@@ -1,0 +1,82 @@
+"""Sharded equals unsharded on 8 host CPU devices, and the logical-axis rules behave."""
+
+import jax
+import numpy as np
+import pytest
+import transformers as tf
+from conftest import T5_TINY, build_hf, untie_lm_head
+from jax.sharding import PartitionSpec as P
+
+import t5x_lite
+from t5x_lite import sharding
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
+
+
+def test_mesh_from_spec():
+  mesh = t5x_lite.make_mesh("data:2,fsdp:2,tensor:2")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(t5x_lite.make_mesh("tensor:8").shape) == {"data": 1, "fsdp": 1, "tensor": 8}
+  with pytest.raises(ValueError, match="needs 4 devices but 8"):
+    t5x_lite.make_mesh("data:4")
+  with pytest.raises(ValueError, match="bad mesh spec 'data=2'"):
+    t5x_lite.make_mesh("data=2")
+  with pytest.raises(ValueError, match="AXIS:SIZE"):
+    t5x_lite.make_mesh("model:8")
+
+
+def test_rules_fall_back_to_replication():
+  mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
+  assert sharding.logical_to_spec(("layers", "embed", "heads", "kv"), (3, 32, 4, 8), mesh_shape) == \
+      P(None, "fsdp", "tensor", None)
+  # 3 heads do not divide tensor:2 -> replicated on that dimension, the rest stays sharded.
+  assert sharding.logical_to_spec(("layers", "embed", "heads", "kv"), (3, 32, 3, 8), mesh_shape) == \
+      P(None, "fsdp", None, None)
+  # a mesh axis is used at most once
+  assert sharding.logical_to_spec(("embed", "embed"), (32, 32), mesh_shape) == P("fsdp", None)
+  # batch over data and fsdp together, or not at all
+  assert sharding.logical_to_spec(("act_batch", "act_length"), (8, 5), mesh_shape) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_spec(("act_batch", "act_length"), (2, 5), mesh_shape) == P(None, None)
+
+
+MESHES = ["data:2,fsdp:2,tensor:2", "tensor:8", "fsdp:8", "data:4,tensor:2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  d = tmp_path_factory.mktemp("hf")
+  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY, feed_forward_proj="gated-gelu",
+                                                       tie_word_embeddings=False), d)
+  untie_lm_head(tf.T5ForConditionalGeneration, d)
+  return str(d)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_logits_equal_unsharded(checkpoint, spec):
+  rng = np.random.default_rng(1)
+  ids = rng.integers(3, 128, (4, 12))
+  mask = np.ones_like(ids)
+  mask[2, 9:] = 0
+  dec = rng.integers(3, 128, (4, 6))
+  single = t5x_lite.load(checkpoint, progress=False)
+  mesh = t5x_lite.make_mesh(spec)
+  sharded = t5x_lite.load(checkpoint, mesh=mesh, progress=False)
+  q = sharded.params["encoder"]["layers"]["attn"]["q"]  # (L, D=32, N=4, H=8)
+  expect = sharding.logical_to_spec(("layers", "embed", "heads", "kv"), q.shape, dict(mesh.shape))
+  assert q.sharding.spec == expect
+  if spec == "tensor:8":
+    assert expect == P(None, None, None, None)  # 4 heads on 8 devices: replicated, not an error
+    assert sharded.params["encoder"]["layers"]["mlp"]["wi_0"].sharding.spec == P(None, None, "tensor")
+  np.testing.assert_allclose(sharded.logits(ids, mask, dec), single.logits(ids, mask, dec), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sharded.encode(ids, mask), single.encode(ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_orbax_checkpoint_restores_sharded(checkpoint, tmp_path):
+  ids = np.random.default_rng(2).integers(3, 128, (8, 10))
+  dec = ids[:, :5]
+  single = t5x_lite.load(checkpoint, progress=False)
+  single.save(str(tmp_path / "ckpt"))
+  mesh = t5x_lite.make_mesh("data:2,fsdp:2,tensor:2")
+  restored = t5x_lite.load(str(tmp_path / "ckpt"), mesh=mesh)
+  assert restored.params["decoder"]["layers"]["mlp"]["wo"].sharding.spec == P(None, "tensor", "fsdp")
+  np.testing.assert_allclose(restored.logits(ids, None, dec), single.logits(ids, None, dec), rtol=1e-5, atol=1e-5)
