@@ -100,15 +100,19 @@ class Model:
     if decoder_input_ids is not None:
       dec = self._ids(decoder_input_ids, "decoder_input_ids")
       dec_mask = self._mask(decoder_attention_mask, dec, "decoder_attention_mask")
-    elif task == "lm" and self.config.family == "t5":
+      if not self.config.is_encoder_decoder:
+        raise ValueError(f"this {self.config.family} model (task {task!r}) has no decoder inputs: pass the "
+                         "sequence as input_ids only")
+    elif task == "lm" and self.config.is_encoder_decoder:
       raise ValueError("decoder_input_ids is required for an encoder-decoder language model")
-    if task == "seq_cls":
+    if task == "seq_cls" and self.config.family == "t5":
       no_eos = np.flatnonzero(~(ids == self.config.eos_token_id).any(axis=1))
       if no_eos.size:
         raise ValueError(f"sequence classification reads the last EOS (id {self.config.eos_token_id}) of each "
                          f"row; row {no_eos[0]} of input_ids has none")
+    args = (ids, mask, dec, dec_mask) if self.config.family == "t5" else (ids, mask)
     with self._mesh_context():
-      out = self._forward(self.params, *map(self._place, (ids, mask, dec, dec_mask)))
+      out = self._forward(self.params, *map(self._place, args))
     return np.asarray(out, dtype=np.float32)
 
   def encode(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:

@@ -5,9 +5,9 @@ import types
 from collections.abc import Callable
 
 from t5x_lite import config as config_lib
-from t5x_lite.convert import t5_layout
+from t5x_lite.convert import gemma_layout, t5_layout
 from t5x_lite.errors import ConversionError
-from t5x_lite.models import t5
+from t5x_lite.models import gemma, t5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,11 +20,17 @@ class Family:
   model: types.ModuleType  # param_specs(config), forward(params, config, ...)
   layout: Callable  # config -> list[Rule]
   ignored: Callable  # config -> tensor names to skip on import
+  ignored_prefixes: Callable = lambda config: ()  # config -> name prefixes to skip on import
+  export_config: Callable = lambda config: config  # config as written back to transformers
+  aliases: Callable = lambda name: ()  # HF name -> other names the same tensor may have in a file
 
 
 FAMILIES = {
     "t5": Family("t5", config_lib.T5_MODEL_TYPES, config_lib.T5Config, config_lib.t5_config_from_hf,
                  config_lib.t5_config_to_hf, t5, t5_layout.layout, t5_layout.ignored),
+    "gemma": Family("gemma", config_lib.GEMMA_MODEL_TYPES, config_lib.GemmaConfig, config_lib.gemma_config_from_hf,
+                    config_lib.gemma_config_to_hf, gemma, gemma_layout.layout, gemma_layout.ignored,
+                    gemma_layout.ignored_prefixes, gemma_layout.export_config, gemma_layout.aliases),
 }
 
 

@@ -70,14 +70,19 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
   """
   family = family_of_config(config)
   reader = reader or CheckpointReader(model_dir)
-  expected = _expected_tensors(family, config)
   present = reader.names()
+  expected = {}
+  for name, entry in _expected_tensors(family, config).items():
+    # The name the file uses: the canonical one or an alias.
+    expected[next((a for a in (name, *family.aliases(name)) if a in present), name)] = entry
   missing = [n for n in expected if n not in present]
   if missing:
     _, _, shape, _ = expected[missing[0]]
     raise ConversionError(f"{model_dir}: tensor {missing[0]!r} is missing (expected shape {shape})"
                           + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""))
-  unexpected = sorted(present - set(expected) - set(family.ignored(config)))
+  skip_prefixes = family.ignored_prefixes(config)
+  unexpected = sorted(n for n in present - set(expected) - set(family.ignored(config))
+                      if not n.startswith(skip_prefixes))
   if unexpected:
     name = unexpected[0]
     raise ConversionError(f"{reader.file_of[name]}: unexpected tensor {name!r} with shape {reader.shape(name)} "
@@ -127,6 +132,7 @@ def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
 def hf_tensors(params: dict, config, dtype=None):
   """Yields (HF name, numpy array) one at a time, in layout order."""
   family = family_of_config(config)
+  config = family.export_config(config)
   dtype = jnp.dtype(dtype or config.param_dtype)
   for rule in family.layout(config):
     leaf = params
@@ -144,7 +150,7 @@ def save_hf(params: dict, config, out_dir: str, *, dtype=None, max_shard_bytes: 
             extra_files: dict[str, str | bytes] | None = None) -> None:
   """Writes `config.json` + `model.safetensors` (or shards + index) that transformers loads."""
   family = family_of_config(config)
-  hf_config = family.config_to_hf(config)
+  hf_config = family.config_to_hf(family.export_config(config))
   if dtype is not None:
     hf_config["dtype"] = str(jnp.dtype(dtype))
   files = {"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}

@@ -1,9 +1,4 @@
-"""Model configs: frozen dataclasses built from a transformers `config.json`, and written back to one.
-
-A config holds what the forward pass needs and nothing about how it is run, except the compute and
-parameter dtypes and the remat policy, which are fields so that one hashable object can be a static jit
-argument and a gin binding target.
-"""
+"""T5 / mT5 / umT5 config, from and to transformers' `config.json`."""
 
 import dataclasses
 import json

@@ -1,0 +1,168 @@
+"""Gemma 1, 2 and 3 (text) decoder-only models as pure functions over a params pytree.
+
+Params (L layers):
+  embed/embedding (V, D)                      tied LM head (lm_head/kernel (D, V) when a checkpoint unties it)
+  layers/attn_norm/scale (L, D)               before attention (transformers: input_layernorm)
+  layers/attn/q (L, D, N, H), k, v (L, D, K, H), o (L, N, H, D)
+  layers/attn/{q_norm,k_norm}/scale (L, H)    Gemma 3
+  layers/post_attn_norm/scale (L, D)          Gemma 2/3 (sandwich norms)
+  layers/mlp_norm/scale (L, D)                before the MLP
+  layers/mlp/{wi_0 (gate), wi_1 (up)} (L, D, F), mlp/wo (L, F, D)
+  layers/post_mlp_norm/scale (L, D)           Gemma 2/3
+  final_norm/scale (D,)
+  score/{kernel (D, labels), bias}            classification heads
+All norm scales are zero-centred (effective scale 1 + w). Sliding and full layers share one scanned layer
+function; each layer's type selects its mask and RoPE table inside the scan.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite import sharding
+from t5x_lite.config.gemma import GemmaConfig
+from t5x_lite.models.layers import dense, embed, scan_layers, split_rng
+from t5x_lite.models.params import ParamSpec
+from t5x_lite.nn import masks
+from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads
+from t5x_lite.nn.dropout import dropout
+from t5x_lite.nn.mlp import mlp
+from t5x_lite.nn.norms import rms_norm
+from t5x_lite.nn.positions import apply_rope, rope_inverse_frequencies
+
+_ACT_BTD = ("act_batch", "act_length", "act_embed")
+_INIT_STD = 0.02  # transformers' initializer_range for Gemma
+
+
+def param_specs(config: GemmaConfig) -> dict:
+  D, N, K, H, F, V, L = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.d_ff,
+                         config.vocab_size, config.num_layers)
+
+  def norm(*shape):
+    return {"scale": ParamSpec((L, *shape), ("layers", "norm"), init="zeros")}
+
+  def w(shape, axes):
+    return ParamSpec((L, *shape), ("layers", *axes), scale=_INIT_STD)
+
+  attn = {"q": w((D, N, H), ("embed", "heads", "kv")), "k": w((D, K, H), ("embed", "kv_heads", "kv")),
+          "v": w((D, K, H), ("embed", "kv_heads", "kv")), "o": w((N, H, D), ("heads", "kv", "embed"))}
+  if config.qk_norm:
+    attn.update(q_norm=norm(H), k_norm=norm(H))
+  layers = {"attn_norm": norm(D), "attn": attn, "mlp_norm": norm(D),
+            "mlp": {"wi_0": w((D, F), ("embed", "mlp")), "wi_1": w((D, F), ("embed", "mlp")),
+                    "wo": w((F, D), ("mlp", "embed"))}}
+  if config.sandwich_norms:
+    layers.update(post_attn_norm=norm(D), post_mlp_norm=norm(D))
+  specs = {"embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), scale=_INIT_STD)}, "layers": layers,
+           "final_norm": {"scale": ParamSpec((D,), ("norm",), init="zeros")}}
+  if config.task == "lm" and not config.tie_lm_head:
+    specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), scale=_INIT_STD)}
+  elif config.task in ("seq_cls", "token_cls"):
+    specs["score"] = {"kernel": ParamSpec((D, config.num_labels), ("embed", "labels"), scale=_INIT_STD)}
+    if config.task == "token_cls" and config.token_classification_bias:
+      specs["score"]["bias"] = ParamSpec((config.num_labels,), ("labels",), init="zeros")
+  return specs
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+  """Left padding: real tokens count 0, 1, 2, ... from the first one; pads get 0 (transformers' generate)."""
+  return jnp.maximum(jnp.cumsum(attention_mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _layer_masks(config: GemmaConfig, B: int, T: int, attention_mask_BT, segment_ids_BT):
+  """(full-attention mask, sliding-window mask), each (B, 1, T, T)."""
+  slots = masks.slot_index(B, T)
+  common = masks.combine(
+      None if attention_mask_BT is None else masks.key_padding_mask(attention_mask_BT),
+      None if segment_ids_BT is None else masks.segment_mask(segment_ids_BT, segment_ids_BT))
+  W = config.sliding_window
+  if config.bidirectional:
+    # Gemma 3 bidirectional: transformers keeps |q - k| < W//2 + 1 in sliding layers, everything in full ones.
+    full = masks.sliding_window_mask(slots, slots, left=T, right=T)
+    window = None if W is None else masks.sliding_window_mask(slots, slots, left=W // 2, right=W // 2)
+  else:
+    full = masks.causal_mask(slots, slots)
+    window = None if W is None else masks.sliding_window_mask(slots, slots, left=W - 1, right=0)
+  full = masks.combine(full, common)
+  return full, (full if window is None else masks.combine(full, window))
+
+
+def hidden_states(params: dict, config: GemmaConfig, input_ids_BT: jax.Array,
+                  attention_mask_BT: jax.Array | None = None, *, positions_BT: jax.Array | None = None,
+                  segment_ids_BT: jax.Array | None = None) -> jax.Array:
+  """Final-normed hidden states (B, T, D) in the compute dtype.
+
+  Positions default to the running count of real tokens (left padding allowed); packed inputs pass
+  `segment_ids_BT` and `positions_BT`.
+  """
+  B, T = input_ids_BT.shape
+  dtype = jnp.dtype(config.dtype)
+  if positions_BT is None:
+    positions_BT = masks.slot_index(B, T) if attention_mask_BT is None else positions_from_mask(attention_mask_BT)
+  full_mask, window_mask = _layer_masks(config, B, T, attention_mask_BT, segment_ids_BT)
+  inv_freq_full = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+  inv_freq_local = rope_inverse_frequencies(config.head_dim, config.rope_local_theta)
+  scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+  eps = config.rms_norm_eps
+
+  def norm(x, p):
+    return rms_norm(x, p["scale"], eps=eps, zero_centered=True)
+
+  # transformers multiplies by sqrt(D) rounded to the activation dtype (bf16: 33.94 -> 34.0).
+  x = embed(params["embed"]["embedding"], input_ids_BT, dtype) * jnp.asarray(math.sqrt(config.d_model), dtype)
+  x = sharding.constrain(x, _ACT_BTD)
+
+  def layer(x, p_and_type, _):
+    p, sliding = p_and_type
+    mask = jnp.where(sliding, window_mask, full_mask)
+    inv_freq = jnp.where(sliding, inv_freq_local, inv_freq_full)
+    h = norm(x, p["attn_norm"])
+    a = p["attn"]
+    q, k, v = project_heads(h, a["q"]), project_heads(h, a["k"]), project_heads(h, a["v"])
+    if config.qk_norm:
+      q, k = norm(q, a["q_norm"]), norm(k, a["k_norm"])
+    q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
+    h = merge_heads(dot_product_attention(q, k, v, mask=mask, scale=scale, softcap=config.attn_logit_softcap),
+                    a["o"])
+    if config.sandwich_norms:
+      h = norm(h, p["post_attn_norm"])
+    x = x + h
+    h = mlp(p["mlp"], norm(x, p["mlp_norm"]), activation=config.mlp_activation, gated=True)
+    if config.sandwich_norms:
+      h = norm(h, p["post_mlp_norm"])
+    return sharding.constrain(x + h, _ACT_BTD)
+
+  sliding = jnp.asarray(config.sliding_layers)
+  x = scan_layers(layer, x, (params["layers"], sliding), num_layers=config.num_layers, remat=config.remat)
+  return norm(x, params["final_norm"])
+
+
+def lm_logits(params: dict, config: GemmaConfig, hidden_BTD: jax.Array) -> jax.Array:
+  """(B, T, V) logits, soft-capped when the config says so."""
+  if config.tie_lm_head:
+    logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, params["embed"]["embedding"].astype(hidden_BTD.dtype))
+  else:
+    logits = hidden_BTD @ params["lm_head"]["kernel"].astype(hidden_BTD.dtype)
+  if config.final_logit_softcap is not None:
+    cap = config.final_logit_softcap
+    logits = jnp.tanh(logits.astype(jnp.float32) / cap) * cap
+  return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def forward(params: dict, config: GemmaConfig, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+            *, rng: jax.Array | None = None, positions_BT: jax.Array | None = None,
+            segment_ids_BT: jax.Array | None = None) -> jax.Array:
+  """The task's output in float32: lm (B, T, V); token_cls (B, T, labels); seq_cls (B, labels), read at each
+  row's rightmost non-pad token as transformers does."""
+  hidden = hidden_states(params, config, input_ids_BT, attention_mask_BT, positions_BT=positions_BT,
+                         segment_ids_BT=segment_ids_BT)
+  if config.task == "lm":
+    return lm_logits(params, config, hidden).astype(jnp.float32)
+  if config.task == "token_cls":
+    (key,) = split_rng(rng, 1)
+    return dense(dropout(hidden, config.classifier_dropout, key), params["score"]).astype(jnp.float32)
+  logits_BTL = dense(hidden, params["score"])
+  T = input_ids_BT.shape[1]
+  last_BT = jnp.argmax(jnp.arange(T) * (input_ids_BT != config.pad_token_id), axis=-1)
+  return jnp.take_along_axis(logits_BTL, last_BT[:, None, None], axis=1)[:, 0].astype(jnp.float32)

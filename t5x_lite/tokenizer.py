@@ -1,0 +1,314 @@
+"""Tokenizers that give transformers' ids without depending on transformers.
+
+Owns text <-> id conversion for every family: `SentencePieceTokenizer` (T5/mT5 `spiece.model`, Gemma
+`tokenizer.model`), `ByteTokenizer` (ByT5) and `load_tokenizer`, which picks one for a model directory.
+Parity target is transformers 5.23: `T5Tokenizer`/`GemmaTokenizer` built by `from_pretrained(dir)` from the
+SentencePiece file (not from a `tokenizer.json`), and the slow `ByT5Tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable
+
+import sentencepiece as spm
+
+# Rust's `char::is_whitespace`: what the `WhitespaceSplit` pre-tokenizer of HF's T5 tokenizer splits on.
+_WHITESPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+_META = "\u2581"  # SentencePiece's "▁", stands for a space inside pieces.
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# A serialized ModelProto field 3 (normalizer_spec) = {name: "identity", precompiled_charsmap: "",
+# add_dummy_prefix: false, remove_extra_whitespaces: false}. Appended to a model proto it overrides the
+# model's normaliser (a message field seen twice is merged, the last value of each scalar wins), which spares
+# a protobuf dependency.
+_IDENTITY_SPEC = b"\x0a\x08identity\x12\x00\x18\x00\x20\x00"
+_IDENTITY_NORMALIZER = b"\x1a" + bytes([len(_IDENTITY_SPEC)]) + _IDENTITY_SPEC
+
+
+def _splitter(tokens: Iterable[str]) -> re.Pattern:
+  # Longest first, so that at each position the longest special token wins (HF matches leftmost-longest).
+  alternatives = sorted(set(tokens), key=len, reverse=True)
+  return re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+
+def _clean_up_tokenization(text: str) -> str:
+  """transformers' `clean_up_tokenization` (applied when tokenizer_config.json asks for it)."""
+  for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                        (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    text = text.replace(before, after)
+  return text
+
+
+class _Tokenizer:
+  """Batch helpers shared by both tokenizers."""
+
+  def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+    return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+
+class SentencePieceTokenizer(_Tokenizer):
+  """A SentencePiece model plus the special-token handling of transformers' T5/Gemma tokenizers.
+
+  `family="t5"` reproduces `T5Tokenizer`: the text is split at special tokens, each part is normalised with
+  the model's character map and split on whitespace, and every word is encoded as "▁word" on its own. So
+  runs of spaces, tabs and newlines count as one space and leading/trailing whitespace vanishes, as in
+  transformers. Byte fallback is never used (a run of unknown characters is one `<unk>`). `<extra_id_N>`
+  sentinels follow the pieces counting down (`<extra_id_0>` = pieces + extra_ids - 1).
+  `family="gemma"` reproduces `GemmaTokenizer`: raw SentencePiece (BPE, byte fallback, identity normaliser,
+  every space kept) between special tokens, and `<mask>` appended after the pieces when the model lacks it.
+
+  Special tokens written in the text (control pieces such as `<pad>`, `</s>`, `<eos>`, `<bos>`; the unknown
+  piece; sentinels) become single ids, and are what `skip_special_tokens` drops. Defaults: T5 appends EOS,
+  Gemma prepends BOS (GemmaTokenizer's own defaults); `from_dir` follows tokenizer_config.json instead.
+  Known differences from transformers, none met with released vocabularies: user-defined pieces are not split
+  out of the text in the T5 path; a T5 model with byte pieces, given their names (`<0x41>`) as text; a
+  Gemma-style model whose normaliser is not the identity (transformers ignores it).
+  """
+
+  def __init__(self, model_file: str, *, family: str = "t5", extra_ids: int | None = None,
+               add_bos: bool | None = None, add_eos: bool | None = None,
+               clean_up_tokenization_spaces: bool = False):
+    if family not in ("t5", "gemma"):
+      raise ValueError(f"unknown tokenizer family {family!r} (expected 't5' or 'gemma')")
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+    except (RuntimeError, OSError) as e:
+      raise ValueError(f"cannot read SentencePiece model {model_file}: {e}") from e
+    self.family = family
+    self.model_file = os.fspath(model_file)
+    is_t5 = family == "t5"
+    self.extra_ids = (100 if is_t5 else 0) if extra_ids is None else extra_ids
+    # Family defaults: T5 appends EOS, Gemma prepends BOS (GemmaTokenizer's own defaults).
+    self.add_bos = (not is_t5) if add_bos is None else add_bos
+    self.add_eos = is_t5 if add_eos is None else add_eos
+    self.clean_up_tokenization_spaces = clean_up_tokenization_spaces and is_t5  # HF skips it for BPE
+    sp, n = self._sp, self._sp.get_piece_size()
+    self._num_pieces = n
+
+    # content -> id for everything recognised in text; all of them are dropped by skip_special_tokens.
+    self._specials = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
+    for k in range(self.extra_ids):
+      self._specials[f"<extra_id_{k}>"] = n + self.extra_ids - 1 - k
+    if not is_t5 and "<mask>" not in self._specials:
+      # GemmaTokenizer always declares `<mask>`; absent from the model, it is appended as a new id.
+      self._specials["<mask>"] = sp.piece_to_id("<mask>") if self._is_piece("<mask>") else n
+    self._id_to_special = {i: s for s, i in self._specials.items()}
+    self._split = _splitter(self._specials)
+    if (self.add_bos and self.bos_id is None) or (self.add_eos and self.eos_id is None):
+      raise ValueError(f"{model_file} has no BOS/EOS piece to add")
+    if is_t5:
+      # HF applies only the model's character map, then runs the unigram model on each "▁word":
+      # a charmap-only normaliser, and the same model with its normaliser switched off.
+      proto = sp.serialized_model_proto()
+      self._normalizer = spm.SentencePieceNormalizer(
+          model_proto=proto, add_dummy_prefix=False, escape_whitespaces=False, remove_extra_whitespaces=False)
+      self._raw_sp = spm.SentencePieceProcessor(model_proto=proto + _IDENTITY_NORMALIZER)
+      self._byte_ids = {i for i in range(n) if sp.is_byte(i)}
+
+  def _is_piece(self, piece: str) -> bool:
+    i = self._sp.piece_to_id(piece)
+    return self._sp.id_to_piece(i) == piece
+
+  def _special_id(self, piece: str, fallback: int) -> int | None:
+    return self._sp.piece_to_id(piece) if self._is_piece(piece) else (fallback if fallback >= 0 else None)
+
+  # --- ids of the special tokens ------------------------------------------------------------------------
+  @property
+  def vocab_size(self) -> int:
+    """SentencePiece pieces plus sentinels (the size the model's embedding must at least have)."""
+    return self._num_pieces + self.extra_ids
+
+  @property
+  def pad_id(self) -> int | None:
+    return self._special_id("<pad>", self._sp.pad_id())
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._special_id("</s>" if self.family == "t5" else "<eos>", self._sp.eos_id())
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  @property
+  def bos_id(self) -> int | None:
+    """None for T5 (it has no BOS); Gemma's `<bos>`."""
+    return None if self.family == "t5" else self._special_id("<bos>", self._sp.bos_id())
+
+  def sentinel_id(self, n: int) -> int:
+    """Id of `<extra_id_n>`; sentinels count down from `sentinel_id(0)` as T5 span corruption expects."""
+    if not 0 <= n < self.extra_ids:
+      raise ValueError(f"sentinel {n} out of range: this tokenizer has {self.extra_ids} extra ids")
+    return self._num_pieces + self.extra_ids - 1 - n
+
+  # --- encoding -----------------------------------------------------------------------------------------
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text`: BOS/EOS as configured, special tokens in the text as single ids."""
+    ids = [self.bos_id] if self.add_bos else []
+    for k, chunk in enumerate(self._split.split(text)):
+      if k % 2:  # odd chunks are the captured special tokens
+        ids.append(self._specials[chunk])
+      elif chunk:
+        ids.extend(self._encode_plain(chunk))
+    if self.add_eos:
+      ids.append(self.eos_id)
+    return ids
+
+  def _encode_plain(self, text: str) -> list[int]:
+    if self.family == "gemma":
+      return self._sp.encode(text)
+    words = []
+    for word in _WHITESPACE.split(self._normalizer.normalize(text)):
+      if not word:
+        continue
+      # HF Metaspace: prepend "▁" unless present, then split before every "▁".
+      word = word if word.startswith(_META) else _META + word
+      words.extend(_META + w for w in word.split(_META)[1:])
+    ids = [i for word_ids in self._raw_sp.encode(words) for i in word_ids]
+    if not self._byte_ids:
+      return ids
+    # HF's T5Tokenizer never falls back to bytes: a run of unknown characters is one <unk>.
+    return [self.unk_id if i in self._byte_ids else i
+            for k, i in enumerate(ids) if not (k and i in self._byte_ids and ids[k - 1] in self._byte_ids)]
+
+  # --- decoding -----------------------------------------------------------------------------------------
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    """Text of `ids` as transformers decodes it; ids outside the vocabulary are dropped, as HF does."""
+    tokens = []
+    for i in map(int, ids):
+      if i in self._id_to_special:
+        if not skip_special_tokens:
+          tokens.append(self._id_to_special[i])
+      elif 0 <= i < self._num_pieces:
+        tokens.append(self._sp.id_to_piece(i))
+    if self.family == "gemma":
+      return _fuse_byte_pieces(t.replace(_META, " ") for t in tokens)
+    # HF's Metaspace decoder drops every "▁" of the first token and turns the others into spaces.
+    text = "".join([tokens[0].replace(_META, "")] + [t.replace(_META, " ") for t in tokens[1:]]) if tokens else ""
+    return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
+  # --- construction from a model directory --------------------------------------------------------------
+  @classmethod
+  def from_dir(cls, model_dir: str, family: str) -> "SentencePieceTokenizer":
+    """The tokenizer in `model_dir` (`spiece.model` for T5, `tokenizer.model` for Gemma), configured by
+    `tokenizer_config.json` when present: `add_bos_token`/`add_eos_token` (Gemma only; without them
+    GemmaTokenizer built from the model file adds neither), `extra_ids`, `clean_up_tokenization_spaces`."""
+    name = "spiece.model" if family == "t5" else "tokenizer.model"
+    cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+    kwargs = {"clean_up_tokenization_spaces": bool(cfg.get("clean_up_tokenization_spaces", False))}
+    if family == "t5":
+      kwargs["extra_ids"] = int(cfg.get("extra_ids", 100))
+    else:
+      kwargs.update(add_bos=bool(cfg.get("add_bos_token", False)), add_eos=bool(cfg.get("add_eos_token", False)))
+    return cls(os.path.join(model_dir, name), family=family, **kwargs)
+
+
+def _fuse_byte_pieces(tokens: Iterable[str]) -> str:
+  """HF's ByteFallback + Fuse decoders: runs of `<0xAB>` pieces become their utf-8 text, or one U+FFFD per
+  byte when the run is not valid utf-8."""
+  out, run = [], bytearray()
+  for token in list(tokens) + [None]:
+    m = _BYTE_PIECE.fullmatch(token) if token is not None else None
+    if m:
+      run.append(int(m.group(1), 16))
+      continue
+    if run:
+      try:
+        out.append(run.decode("utf-8"))
+      except UnicodeDecodeError:
+        out.append("\ufffd" * len(run))
+      run = bytearray()
+    if token is not None:
+      out.append(token)
+  return "".join(out)
+
+
+class ByteTokenizer(_Tokenizer):
+  """ByT5's tokenizer: id = utf-8 byte + 3 after `<pad>`=0, `</s>`=1, `<unk>`=2, matching transformers'
+  `ByT5Tokenizer`. As there, `<extra_id_N>` in text maps to 259 + N (counting up), whitespace next to
+  `<pad>`, `</s>`, `<unk>` in the text is stripped, and EOS is appended unless the ids already end with it.
+  Decoding drops bytes that do not form utf-8, and ids outside the vocabulary (where HF raises)."""
+
+  pad_id, eos_id, unk_id, bos_id = 0, 1, 2, None
+  _OFFSET = 3
+
+  def __init__(self, extra_ids: int = 125, add_eos: bool = True):
+    self.extra_ids = extra_ids
+    self.add_eos = add_eos
+    self._specials = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    self._specials.update({f"<extra_id_{k}>": 259 + k for k in range(extra_ids)})
+    self._id_to_special = {i: s for s, i in self._specials.items()}
+    self._split = _splitter(self._specials)
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + self._OFFSET + self.extra_ids
+
+  def sentinel_id(self, n: int) -> int:
+    """ByT5 pretraining's n-th sentinel: it reuses the last byte ids (258, 257, ...) as seqio's
+    `ByteVocabulary` does; this is not the id transformers gives the text `<extra_id_n>`."""
+    if not 0 <= n < 256:
+      raise ValueError(f"sentinel {n} out of range for a byte vocabulary")
+    return 256 + self._OFFSET - 1 - n
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of `text` as `ByT5Tokenizer().encode(text)` gives them."""
+    chunks = self._split.split(text)
+    for k in range(1, len(chunks), 2):  # the same stripping order as PreTrainedTokenizer.tokenize
+      if self._specials[chunks[k]] < self._OFFSET:
+        if chunks[k + 1]:
+          chunks[k + 1] = chunks[k + 1].lstrip()
+        if chunks[k - 1]:
+          chunks[k - 1] = chunks[k - 1].rstrip()
+    ids = []
+    for k, chunk in enumerate(chunks):
+      ids.extend([self._specials[chunk]] if k % 2 else [b + self._OFFSET for b in chunk.encode("utf-8")])
+    if self.add_eos and not (ids and ids[-1] == self.eos_id):
+      ids.append(self.eos_id)
+    return ids
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    out = bytearray()
+    for i in map(int, ids):
+      if i in self._id_to_special:
+        if not skip_special_tokens:
+          out += self._id_to_special[i].encode("utf-8")
+      elif self._OFFSET <= i < 256 + self._OFFSET:
+        out.append(i - self._OFFSET)
+    return out.decode("utf-8", errors="ignore")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _is_byt5_dir(model_dir: str) -> bool:
+  for name in ("config.json", "tokenizer_config.json"):
+    if _read_json(os.path.join(model_dir, name)).get("tokenizer_class") == "ByT5Tokenizer":
+      return True
+  return False
+
+
+def load_tokenizer(model_dir: str, family: str) -> SentencePieceTokenizer | ByteTokenizer | None:
+  """The tokenizer shipped in `model_dir`, or None. `family` is the model config's family ("t5",
+  "gemma", "t5gemma2"); the T5 family reads `spiece.model` (or is ByT5), the others `tokenizer.model`.
+  A file that SentencePiece cannot read raises ValueError naming it."""
+  model_dir = os.fspath(model_dir)
+  if family == "t5":
+    if os.path.isfile(os.path.join(model_dir, "spiece.model")):
+      return SentencePieceTokenizer.from_dir(model_dir, "t5")
+    if _is_byt5_dir(model_dir):
+      cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+      return ByteTokenizer(extra_ids=int(cfg.get("extra_ids", 125)))
+    return None
+  if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+    return SentencePieceTokenizer.from_dir(model_dir, "gemma")
+  return None
