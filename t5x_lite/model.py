@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import sharding
+from t5x_lite import generation, sharding
 from t5x_lite.convert import checkpoint, hf
 from t5x_lite.convert.families import family_of_config
+from t5x_lite.decoding import buckets
 from t5x_lite.errors import ConversionError
 
 
@@ -127,11 +128,80 @@ class Model:
     return np.asarray(out, dtype=np.float32)
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens, method="greedy",
-               temperature=1.0, top_k=0, top_p=1.0, num_beams=4, length_penalty=1.0, seed=0) -> np.ndarray:
-    raise NotImplementedError("generation is not built yet: it lands with the decoding issue (#4)")
+               temperature=1.0, top_k=0, top_p=1.0, num_beams=4, length_penalty=1.0, seed=0,
+               brevity="hf") -> np.ndarray:
+    """(B, max_new_tokens) int32 new tokens; EOS kept, pad after it. See ../shared/design/API.md.
+
+    Shapes are bucketed (batch, prompt and output lengths to powers of two) so varied requests reuse a few
+    compiled programs; the loop still stops after `max_new_tokens` or when every row has emitted EOS.
+    `brevity="t5x"` uses T5X's ((5 + len) / 6) ** length_penalty in beam search instead of HF's len ** penalty.
+    """
+    self._no_pixels(pixel_values)
+    self._check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, brevity)
+    if self.config.task != "lm":
+      raise ValueError(f"generate needs a language-model head; this model's task is {self.config.task!r}")
+    ids, mask, B = self._bucketed_prompt(input_ids, attention_mask)
+    new_bucket = buckets.bucket(max_new_tokens)
+    fn = generation.generate_fn(self.config, max_new=new_bucket, method=method, temperature=float(temperature),
+                                top_k=int(top_k), top_p=float(top_p), num_beams=int(num_beams),
+                                length_penalty=float(length_penalty), brevity=brevity)
+    done = np.arange(ids.shape[0]) >= B  # batch-padding rows
+    with self._mesh_context():
+      out = fn(self.params, self._place(ids), self._place(mask), np.int32(max_new_tokens), jax.random.key(seed),
+               self._place(done))
+    return np.asarray(out)[:B, :max_new_tokens].astype(np.int32)
 
   def score(self, input_ids, target_ids, attention_mask=None) -> np.ndarray:
-    raise NotImplementedError("scoring is not built yet: it lands with the decoding issue (#4)")
+    """(B,) float32 sum of log p(target token) (T5X "score" mode); pad-id targets are skipped.
+
+    Encoder-decoder: the decoder reads the start token then target_ids[:, :-1]. Decoder-only: target_ids
+    continue the (left-padded) prompt input_ids.
+    """
+    if self.config.task != "lm":
+      raise ValueError(f"score needs a language-model head; this model's task is {self.config.task!r}")
+    ids, mask, B = self._bucketed_prompt(input_ids, attention_mask)
+    targets = self._ids(target_ids, "target_ids")
+    if targets.shape[0] != B:
+      raise ValueError(f"target_ids has {targets.shape[0]} rows but input_ids has {B}")
+    padded = np.full((ids.shape[0], buckets.bucket(targets.shape[1])), self.config.pad_token_id, np.int32)
+    padded[:B, :targets.shape[1]] = targets
+    with self._mesh_context():
+      out = generation.score_fn(self.config)(self.params, self._place(ids), self._place(mask), self._place(padded))
+    return np.asarray(out, np.float32)[:B]
+
+  def _bucketed_prompt(self, input_ids, attention_mask):
+    """Prompt ids and mask padded to bucket shapes (decoder-only: on the left), and the real batch size."""
+    ids = self._ids(input_ids, "input_ids")
+    B, P = ids.shape
+    if B == 0 or P == 0:
+      raise ValueError(f"input_ids must hold at least one token per row, got shape {ids.shape}")
+    mask = self._mask(attention_mask, ids, "attention_mask")
+    if mask is None:
+      pad = self.config.pad_token_id
+      # transformers infers the mask from pad tokens for decoder-only models (not for encoder-decoders).
+      infer = not self.config.is_encoder_decoder and pad != self.config.eos_token_id
+      mask = (ids != pad).astype(np.int32) if infer else np.ones_like(ids)
+    Bb, Pb = buckets.bucket(B, floor=1), buckets.bucket(P)
+    out_ids = np.full((Bb, Pb), self.config.pad_token_id, np.int32)
+    out_mask = np.zeros((Bb, Pb), np.int32)
+    cols = slice(Pb - P, Pb) if not self.config.is_encoder_decoder else slice(0, P)
+    out_ids[:B, cols], out_mask[:B, cols] = ids, mask
+    return out_ids, out_mask, B
+
+  @staticmethod
+  def _check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, brevity):
+    if method not in ("greedy", "sample", "beam"):
+      raise ValueError(f"method must be 'greedy', 'sample' or 'beam', got {method!r}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if method == "sample" and not temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+      raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if method == "beam" and num_beams < 1:
+      raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if brevity not in ("hf", "t5x"):
+      raise ValueError(f"brevity must be 'hf' or 't5x', got {brevity!r}")
 
   def save_hf(self, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024 ** 3) -> None:
     """Writes config.json + model.safetensors (sharded over `max_shard_bytes`) that transformers loads."""

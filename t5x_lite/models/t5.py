@@ -233,3 +233,64 @@ def forward(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_m
   head = params["cls_head"]
   h = jnp.tanh(dense(dropout(pooled_BD, config.classifier_dropout, k1), head["dense"]))
   return dense(dropout(h, config.classifier_dropout, k2), head["out"]).astype(jnp.float32)
+
+
+# -------------------------------------------------------------------------------- incremental decoding
+
+def _layer(tree, i):
+  """The i-th layer's params from a stacked tree (i may be traced)."""
+  return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False), tree)
+
+
+def init_decoder_cache(config: T5Config, batch: int, max_length: int) -> dict:
+  """Self-attention cache of the decoder: k, v (L, B, max_length, N, H) in the compute dtype, zeros."""
+  shape = (config.num_decoder_layers, batch, max_length, config.num_heads, config.head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cross_attention_kv(params: dict, config: T5Config, encoded_BSD: jax.Array) -> dict:
+  """Cross-attention keys and values of every decoder layer, computed once per batch: (L, B, S, N, H)."""
+  cross = params["decoder"]["layers"]["cross_attn"]
+  enc = encoded_BSD.astype(jnp.dtype(config.dtype))
+  return {"k": jnp.einsum("BSD,LDNH->LBSNH", enc, cross["k"].astype(enc.dtype)),
+          "v": jnp.einsum("BSD,LDNH->LBSNH", enc, cross["v"].astype(enc.dtype))}
+
+
+def decoder_step(params: dict, config: T5Config, token_B: jax.Array, index: jax.Array, cache: dict,
+                 cross_kv: dict, encoder_mask_BS: jax.Array | None) -> tuple[jax.Array, dict]:
+  """One decoder position for every row: feeds `token_B` at slot `index` (scalar), returns the float32 logits
+  (B, V) for the next token and the cache with that slot written (in place: `dynamic_update_slice`)."""
+  S_max = cache["k"].shape[2]
+  dtype = jnp.dtype(config.dtype)
+  eps = config.layer_norm_epsilon
+  dec = params["decoder"]
+  q_pos = jnp.full((1, 1), index, jnp.int32)
+  k_pos = masks.slot_index(1, S_max)
+  self_mask = (k_pos <= index)[:, None, None, :]  # (1, 1, 1, S_max): written slots only
+  cross_mask = None if encoder_mask_BS is None else masks.key_padding_mask(encoder_mask_BS)
+  shared_bias = None if config.relative_bias_per_layer else _relpos_bias(config, dec["relpos"], q_pos, k_pos, False)
+  x = embed(params["embed"]["embedding"], token_B[:, None], dtype)
+
+  def layer(carry, i):
+    x, cache_k, cache_v = carry
+    p = _layer(dec["layers"], i)
+    bias = shared_bias if shared_bias is not None else _relpos_bias(config, p["relpos"], q_pos, k_pos, False)
+    h = rms_norm(x, p["attn_norm"]["scale"], eps=eps)
+    q = project_heads(h, p["attn"]["q"])
+    cache_k = jax.lax.dynamic_update_slice(cache_k, project_heads(h, p["attn"]["k"])[None], (i, 0, index, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, project_heads(h, p["attn"]["v"])[None], (i, 0, index, 0, 0))
+    k, v = cache_k[i], cache_v[i]
+    x = x + merge_heads(dot_product_attention(q, k, v, mask=self_mask, bias=bias), p["attn"]["o"])
+    h = rms_norm(x, p["cross_norm"]["scale"], eps=eps)
+    q = project_heads(h, p["cross_attn"]["q"])
+    attn = dot_product_attention(q, cross_kv["k"][i], cross_kv["v"][i], mask=cross_mask)
+    x = x + merge_heads(attn, p["cross_attn"]["o"])
+    h = rms_norm(x, p["mlp_norm"]["scale"], eps=eps)
+    x = x + mlp(p["mlp"], h, activation=config.mlp_activation, gated=config.mlp_gated)
+    return (x, cache_k, cache_v), None
+
+  (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"]),
+                                          jnp.arange(config.num_decoder_layers))
+  x = rms_norm(x, dec["final_norm"]["scale"], eps=eps)
+  return lm_logits(params, config, x)[:, 0].astype(jnp.float32), {"k": cache_k, "v": cache_v}

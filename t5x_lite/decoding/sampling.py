@@ -1,0 +1,43 @@
+"""Token choice from logits: greedy, and sampling filtered the way transformers filters it.
+
+Order as in transformers' generate: temperature, then top-k, then top-p. Top-k keeps every token tied with
+the k-th largest logit; top-p sorts ascending (stably) and drops tokens whose cumulative probability is at
+most 1 - p, so the token that crosses p is kept (and always at least one token).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits_NV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """float32 logits with filtered-out tokens set to -inf. `top_k=0` and `top_p=1.0` disable those filters."""
+  logits = logits_NV.astype(jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
+  if top_k and top_k < logits.shape[-1]:
+    kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+  if top_p < 1.0:
+    # A stable ascending sort, as transformers' sort on CPU: among tied logits the lower index goes first.
+    order = jnp.argsort(logits, axis=-1, stable=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1.0 - top_p)
+    remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least the most likely token
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    logits = jnp.where(remove, -jnp.inf, logits)
+  return logits
+
+
+def choose_tokens(logits_NV: jax.Array, rng: jax.Array | None, *, method: str, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """(N,) int32 next tokens: argmax for "greedy"; for "sample" one draw per row from the filtered softmax.
+
+  Row n draws with `fold_in(rng, n)`, so its tokens do not depend on the batch it shares or its padding.
+  """
+  if method == "greedy":
+    return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits_NV, temperature=temperature, top_k=top_k, top_p=top_p)
+  keys = jax.vmap(lambda n: jax.random.fold_in(rng, n))(jnp.arange(filtered.shape[0]))
+  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

@@ -1,0 +1,113 @@
+"""Wires each family's incremental-decoding functions to the model-agnostic decoding core.
+
+`generate_fn(config, ...)` returns a jitted `generate_tokens`: (params, ids, mask, limit, rng, done) ->
+(B, max_new) tokens; `score_fn(config)` a jitted `score_targets`: (params, ids, mask, targets) -> (B,) log-probabilities.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.decoding.loop import decode_tokens
+from t5x_lite.models import gemma_decode, t5
+
+
+def _repeat_rows(x, beams: int, axis: int):
+  return None if x is None else jnp.repeat(x, beams, axis=axis)
+
+
+def _t5_decoder(params, config, ids, mask, beams: int, max_new: int):
+  """(step_fn, initial state, first tokens, reorder_fn) for T5 over B*beams rows."""
+  encoded = t5.encode(params, config, ids, mask)
+  cross = t5.cross_attention_kv(params, config, encoded)
+  cross = jax.tree.map(lambda x: _repeat_rows(x, beams, 1), cross)
+  mask = _repeat_rows(mask, beams, 0)
+  N = ids.shape[0] * beams
+  cache = t5.init_decoder_cache(config, N, max_new)
+
+  def step(tokens, cache, t):
+    return t5.decoder_step(params, config, tokens, t, cache, cross, mask)
+
+  def reorder(cache, index):
+    return jax.tree.map(lambda x: jnp.take(x, index, axis=1), cache)
+
+  first = jnp.full((N,), config.decoder_start_token_id, jnp.int32)
+  return step, cache, first, None, reorder
+
+
+def _gemma_decoder(params, config, ids, mask, beams: int, max_new: int):
+  """Prefill, then (step_fn, state, None, first logits, reorder_fn) over B*beams rows."""
+  B, P = ids.shape
+  cache = gemma_decode.init_cache(config, B, P + max_new)
+  first_logits, cache = gemma_decode.prefill(params, config, ids, mask, cache)
+  if beams > 1:
+    cache = {k: _repeat_rows(v, beams, 0 if k in ("key_valid", "next_position") else 1) for k, v in cache.items()}
+    first_logits = _repeat_rows(first_logits, beams, 0)
+
+  def step(tokens, cache, t):
+    return gemma_decode.decode_step(params, config, tokens, P + t - 1, cache)
+
+  def reorder(cache, index):
+    return {k: jnp.take(v, index, axis=0 if k in ("key_valid", "next_position") else 1) for k, v in cache.items()}
+
+  return step, cache, None, first_logits, reorder
+
+
+_DECODERS = {"t5": _t5_decoder, "gemma": _gemma_decoder}
+
+
+@functools.lru_cache(maxsize=64)
+def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k: int, top_p: float,
+                num_beams: int, length_penalty: float, brevity: str):
+  """A jitted (params, ids, mask, limit, rng, done) -> (B, max_new) int32 for this config and method.
+
+  `limit` (traced) stops the loop after that many tokens, so `max_new` can be a bucket.
+  """
+  eos, pad = config.eos_token_id, config.pad_token_id
+
+  def generate_tokens(params, ids, mask, limit, rng, done):
+    beams = num_beams if method == "beam" else 1
+    step, state, first, first_logits, reorder = _DECODERS[config.family](params, config, ids, mask, beams, max_new)
+    if method == "beam":
+      from t5x_lite.decoding.beam_search import beam_search  # pylint: disable=import-outside-toplevel
+      prompt_length = 1 if config.family == "t5" else ids.shape[1]
+      first_token = None if first is None else first[::beams]
+      out = beam_search(step, state, reorder, first_token, num_beams=beams, max_new_tokens=max_new, eos_id=eos,
+                        pad_id=pad, length_penalty=length_penalty, brevity=brevity, prompt_length=prompt_length,
+                        vocab_size=config.vocab_size,
+                        first_logits_BV=None if first_logits is None else first_logits[::beams])
+    else:
+      out = decode_tokens(step, state, first, max_new_tokens=max_new, eos_id=eos, pad_id=pad, method=method,
+                          temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, first_logits_NV=first_logits,
+                          done_N=done, limit=limit)
+    return out
+
+  return jax.jit(generate_tokens)
+
+
+@functools.lru_cache(maxsize=16)
+def score_fn(config):
+  """A jitted (params, ids, mask, targets) -> (B,) float32 sum of target log-probabilities (pad targets skipped).
+
+  Encoder-decoder: the decoder reads the start token then targets[:, :-1]. Decoder-only: the targets continue
+  the left-padded prompt.
+  """
+  pad = config.pad_token_id
+
+  def score_targets(params, ids, mask, targets):
+    target_mask = (targets != pad).astype(jnp.int32)
+    if config.family == "t5":
+      decoder_in = t5.shift_right(targets, config.decoder_start_token_id, pad)
+      logits = t5.forward(params, config, ids, mask, decoder_in, None)
+    else:
+      from t5x_lite.models import gemma  # pylint: disable=import-outside-toplevel
+      P = ids.shape[1]
+      full_mask = jnp.concatenate([jnp.ones_like(ids) if mask is None else mask, target_mask], axis=1)
+      logits = gemma.forward(params, config, jnp.concatenate([ids, targets], axis=1), full_mask)
+      logits = logits[:, P - 1:-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_logp * target_mask, axis=1)
+
+  return jax.jit(score_targets)
