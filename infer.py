@@ -1,11 +1,61 @@
-"""Batched, sharded inference over JSONL (generate or score).
+"""Batched, sharded inference over JSONL: generate text or score targets with any supported model.
 
-Not built yet: it lands with the decoding issue (#4). Until then this says so and exits non-zero.
+  python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
+                  [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
+
+Every input line gets one output line, in order; a bad line gets {"error": ...} and the run goes on. The
+output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
 """
 
+import argparse
 import sys
 
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True, help="HF model dir, t5x_lite checkpoint, or train.py workdir")
+  p.add_argument("--input", required=True)
+  p.add_argument("--output", required=True)
+  p.add_argument("--mode", choices=["generate", "score"], default="generate")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--max-input-length", type=int, default=2048, help="longer inputs get an error line")
+  p.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--num-beams", type=int, default=4)
+  p.add_argument("--length-penalty", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
+  args = p.parse_args(argv)
+  if args.batch_size < 1 or args.max_new_tokens < 1:
+    p.error("--batch-size and --max-new-tokens must be positive")
+
+  import t5x_lite  # pylint: disable=import-outside-toplevel
+  from t5x_lite import inference  # pylint: disable=import-outside-toplevel
+  from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  try:
+    mesh = t5x_lite.make_mesh(args.mesh) if args.mesh else None
+    model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh)
+    if args.tokenizer:
+      model.tokenizer = load_tokenizer(args.tokenizer, model.config.family)
+      if model.tokenizer is None:
+        raise ValueError(f"{args.tokenizer}: no tokenizer file (spiece.model / tokenizer.model) found")
+    options = inference.InferenceOptions(
+        mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        max_input_length=args.max_input_length, method=args.method, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+    stats = inference.run_file(model, args.input, args.output, options)
+  except (t5x_lite.ConversionError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.output}: {stats['lines']} lines ({stats['errors']} errors), resumed at line "
+        f"{stats['resumed_at']}", file=sys.stderr)
+  return 0
+
+
 if __name__ == "__main__":
-  print("infer.py is not built yet: decoding and batched inference land with issue #4. Nothing was run.",
-        file=sys.stderr)
-  sys.exit(2)
+  sys.exit(main())
