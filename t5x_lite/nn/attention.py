@@ -1,9 +1,18 @@
-"""Multi-head attention core shared by every family: MHA, GQA and MQA, bias, masks, soft-capping."""
+"""Multi-head attention core shared by every family: MHA, GQA and MQA, bias, masks, soft-capping.
+
+On GPU, multi-token attention in bfloat16/float16 without soft-capping goes to cuDNN's fused kernel through
+`jax.nn.dot_product_attention`; everything else (CPU, TPU, decode steps, soft-capped Gemma 2) uses the einsum
+path below, which XLA fuses itself. `T5X_LITE_ATTENTION=xla` forces the einsum path everywhere.
+"""
+
+import os
 
 import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
+
+IMPLEMENTATION = os.environ.get("T5X_LITE_ATTENTION", "auto")  # auto | xla
 
 
 def project_heads(x_BTD: jax.Array, kernel_DNH: jax.Array) -> jax.Array:
@@ -28,6 +37,8 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
   """
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  if _use_cudnn(q_BTNH, softcap):
+    return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias, scale=scale)
   G = N // K
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
   logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
@@ -48,3 +59,25 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
   out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
   out_BTNH = out_BTKGH.reshape(B, T, N, H)
   return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+
+def _use_cudnn(q_BTNH: jax.Array, softcap: float | None) -> bool:
+  return (IMPLEMENTATION == "auto" and jax.default_backend() == "gpu" and softcap is None
+          and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) and q_BTNH.shape[1] > 1 and q_BTNH.shape[-1] <= 256)
+
+
+def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, *, mask, bias, scale):
+  """cuDNN flash attention; the mask joins the bias as a large negative number (not -inf, so a fully masked
+  pad row averages instead of producing NaN, as on the einsum path)."""
+  B, T, N, _ = q_BTNH.shape
+  S = k_BSKH.shape[1]
+  additive = None
+  if bias is not None:
+    additive = bias.astype(jnp.float32)
+  if mask is not None:
+    masked = jnp.where(mask, 0.0, -1e9)
+    additive = masked if additive is None else additive + masked
+  if additive is not None:
+    additive = jnp.broadcast_to(additive, (B, N, T, S)).astype(q_BTNH.dtype)
+  out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=additive, scale=scale, implementation="cudnn")
+  return sharding.constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
