@@ -71,11 +71,12 @@ def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k:
     step, state, first, first_logits, reorder = _DECODERS[config.family](params, config, ids, mask, beams, max_new)
     if method == "beam":
       from t5x_lite.decoding.beam_search import beam_search  # pylint: disable=import-outside-toplevel
-      prompt_length = 1 if config.family == "t5" else ids.shape[1]
       first_token = None if first is None else first[::beams]
+      # prompt_length=1: T5X's brevity penalty counts the new tokens only, for every family (a left-padded
+      # decoder-only bucket would otherwise count its padding).
       out = beam_search(step, state, reorder, first_token, num_beams=beams, max_new_tokens=max_new, eos_id=eos,
-                        pad_id=pad, length_penalty=length_penalty, brevity=brevity, prompt_length=prompt_length,
-                        vocab_size=config.vocab_size,
+                        pad_id=pad, length_penalty=length_penalty, brevity=brevity, prompt_length=1,
+                        vocab_size=config.vocab_size, limit=limit, done_B=done,
                         first_logits_BV=None if first_logits is None else first_logits[::beams])
     else:
       out = decode_tokens(step, state, first, max_new_tokens=max_new, eos_id=eos, pad_id=pad, method=method,

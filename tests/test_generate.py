@@ -269,3 +269,49 @@ def test_buckets_bound_compilations(gemma_dir):
   # Every compilation in the stream is the decoding program itself, once per batch bucket (1, 2, 4, 8).
   assert set(counter.names) == {"jit(generate_tokens)"}, counter.names
   assert 2 <= len(counter.names) <= 4, counter.names
+
+
+# ------------------------------------------------------------------------------------------ beam search
+
+def _hf_beam(hf, kwargs, beams, penalty, n, strip, eos, pad):
+  with torch.no_grad():
+    ref = hf.generate(**kwargs, do_sample=False, num_beams=beams, length_penalty=penalty, max_new_tokens=n,
+                      eos_token_id=eos, pad_token_id=pad).numpy()[:, strip:]
+  # transformers fills after EOS with the EOS id when pad is 0 and crops to the longest row; ours: pad, full width.
+  out = np.full((ref.shape[0], n), pad, ref.dtype)
+  for r, row in enumerate(ref):
+    end = np.flatnonzero(row == eos)
+    row = row[:end[0] + 1] if end.size else row
+    out[r, :len(row)] = row
+  return out
+
+
+@pytest.mark.parametrize("beams,penalty", [(3, 1.0), (4, 2.0), (2, -0.5)])
+def test_beam_search_equals_transformers(tmp_path, beams, penalty):
+  model_cls, config = DECODER_ONLY["gemma2"]
+  hf = build_hf(model_cls, config, tmp_path / "gemma", seed=6)
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.mul_(4.0)
+  ids, mask = _left_padded(np.random.default_rng(8), 3, 7, [0, 2, 4])
+  kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  eos = _with_eos_from_greedy(hf, tmp_path / "gemma", kwargs, strip=7, at=2)
+  ref = _hf_beam(hf, kwargs, beams, penalty, 10, 7, eos, 0)
+  ours = t5x_lite.load(str(tmp_path / "gemma"), progress=False).generate(
+      ids, mask, max_new_tokens=10, method="beam", num_beams=beams, length_penalty=penalty)
+  np.testing.assert_array_equal(ours, ref)
+
+  t5_kwargs = {**T5_TINY, "num_decoder_layers": 2}
+  t5_hf = build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**t5_kwargs), tmp_path / "t5", seed=7)
+  with torch.no_grad():
+    for p in t5_hf.parameters():
+      p.mul_(3.0)
+  enc = np.random.default_rng(9).integers(3, 128, (3, 8))
+  enc_mask = np.ones_like(enc)
+  enc_mask[2, 5:] = 0
+  kwargs = dict(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc_mask))
+  eos = _with_eos_from_greedy(t5_hf, tmp_path / "t5", kwargs, strip=1, at=2)
+  ref = _hf_beam(t5_hf, kwargs, beams, penalty, 10, 1, eos, 0)
+  ours = t5x_lite.load(str(tmp_path / "t5"), progress=False).generate(
+      enc, enc_mask, max_new_tokens=10, method="beam", num_beams=beams, length_penalty=penalty)
+  np.testing.assert_array_equal(ours, ref)
