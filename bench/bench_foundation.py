@@ -1,27 +1,29 @@
 """Foundation benchmark: forward/backward compile time against depth, and the converter's peak memory.
 
-    .venv/bin/python bench/bench_foundation.py [--reps 3] [--no-unrolled] [--hf-layers 8]
+    .venv/bin/python bench/bench_foundation.py [--reps 3] [--depths 2,8,24] [--no-unrolled] [--no-big-vocab]
 
-Part 1 compiles `t5.forward` (and `jax.grad` of a mean-logit loss) for a t5-v1_1-small-wide model at 2, 8 and
-24 layers per stack. The layers run under `jax.lax.scan`, so compile time should stay flat with depth; for
-contrast the same forward is compiled with the scan swapped for a Python loop (patched into the `t5` module
-of this process only, no library change), whose compile time grows with depth.
+Part 1 compiles `t5.forward` and `jax.grad` of a mean-logit loss for a model at t5-v1_1-small widths with 2, 8
+and 24 layers per stack (lower and XLA compile timed apart, min/median of interleaved repetitions, plus the
+optimized HLO size, which timing noise cannot touch). The layers run under `jax.lax.scan`, so compile time
+should stay flat with depth. For contrast the same `t5.forward` is compiled with `scan_layers` swapped for a
+Python loop (patched into the `t5` module of this process only; no library change), which grows with depth.
 
-Part 2 writes a transformers T5ForConditionalGeneration checkpoint (t5-v1_1-small: 8+8 layers, untied head,
-~77M params, ~308 MB float32) and runs each conversion in a fresh subprocess, so torch and transformers do
-not pollute the measurement: `t5x_lite.load` of the single file and of a 50 MB-sharded index, the CLI
-`python -m t5x_lite.convert --from-hf ... --dtype bfloat16`, and `Model.save_hf` (single file and sharded).
-The parent samples the child's /proc/PID/status every 2 ms (RssAnon: heap and jax buffers; RssFile:
-file-backed pages, i.e. the memory-mapped safetensors pages the reader has touched) and takes the kernel's
-exact peak (VmHWM, reset at the measured phase; `wait4` ru_maxrss for the CLI). The converter holds one copy
-of the model when the anonymous increment is about the params' bytes plus one leaf in flight.
+Part 2 saves a transformers T5ForConditionalGeneration (t5-v1_1-small: 8+8 layers, untied head, 77M params,
+294 MB float32) single-file and as a 50 MB-sharded index, plus an mT5-small-like copy whose embedding and
+lm_head are widened to vocab 250112 (1.1 GB, dominated by two 489 MB leaves). Each conversion runs in a fresh
+subprocess, so torch and transformers do not pollute it: `t5x_lite.load` (f32 and -> bf16), the CLI
+`python -m t5x_lite.convert --from-hf ... --dtype bfloat16` (under /usr/bin/time -v), `Model.save` (orbax) and
+`Model.save_hf` (single file and 50 MB shards). The parent samples the child's /proc/PID/status every 2 ms
+(RssAnon: heap, numpy and jax buffers; RssFile: file-backed pages, i.e. the memory-mapped safetensors pages
+the reader has touched) and takes the kernel's exact peak (VmHWM, reset at the start of the measured phase).
+The converter holds one copy of the model when the anonymous increment is the params' bytes plus about one
+leaf in flight.
 """
 
 import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -83,9 +85,11 @@ def _version(module: str) -> str:
     return "absent"
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
+def table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+  """Plain-text table; the first `left` columns are left-aligned, the rest right-aligned."""
   widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-  fmt = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(r, widths)))
+  fmt = lambda r: "  ".join(str(x).rjust(w) if i >= left else str(x).ljust(w)
+                            for i, (x, w) in enumerate(zip(r, widths)))
   return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
@@ -118,19 +122,20 @@ def _t5_config(layers: int):
                   mlp_gated=True, tie_lm_head=False, scale_decoder_outputs=False, dropout_rate=0.0)
 
 
-def _time_compile(make_fn, args) -> tuple[float, float, object]:
-  """(lower s, compile s, compiled) for a freshly built jitted function (no trace or executable reuse)."""
+def _time_compile(make_fn, args) -> tuple[float, float, float, object]:
+  """(lower s, compile s, compile CPU s, compiled) for a freshly built jitted function (no trace or executable
+  reuse). CPU time (all threads of this process) is far less sensitive than wall time to other processes."""
   fn = make_fn()
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
-  t1 = time.perf_counter()
+  t1, c1 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  t2 = time.perf_counter()
-  return t1 - t0, t2 - t1, compiled
+  t2, c2 = time.perf_counter(), time.process_time()
+  return t1 - t0, t2 - t1, c2 - c1, compiled
 
 
-def _time_runs(compiled, args, n: int) -> tuple[float, float]:
-  """(first run s, median of the next n runs s), outputs blocked on."""
+def _time_runs(compiled, args, n: int) -> tuple[float, float | None]:
+  """(first run s, median of the next n runs s or None), outputs blocked on."""
   import jax  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   jax.block_until_ready(compiled(*args))
@@ -140,7 +145,17 @@ def _time_runs(compiled, args, n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
+  return first, (statistics.median(times) if times else None)
+
+
+def _hlo_stats(compiled) -> tuple[int, int]:
+  """(optimized HLO text size in kB, while loops in it): what XLA had to compile, free of timing noise."""
+  text = compiled.as_text()
+  return len(text) // 1000, text.count(" while(")
+
+
+def _ms(seconds: float | None) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:.0f}"
 
 
 def bench_compile(depths: list[int], reps: int, unrolled_depths: list[int]) -> list[str]:
@@ -157,70 +172,82 @@ def bench_compile(depths: list[int], reps: int, unrolled_depths: list[int]) -> l
   dec_mask = jnp.ones((BATCH, TARGET_LEN), jnp.int32)
   batch = (ids, mask, dec, dec_mask)
 
-  def forward_fn(config):
-    return lambda: jax.jit(lambda p, *a: t5.forward(p, config, *a))
+  def makers(config):
+    return (("forward", lambda: jax.jit(lambda p, *a: t5.forward(p, config, *a))),
+            ("fwd+bwd (grad)", lambda: jax.jit(jax.grad(lambda p, *a: jnp.mean(t5.forward(p, config, *a))))))
 
-  def grad_fn(config):
-    return lambda: jax.jit(jax.grad(lambda p, *a: jnp.mean(t5.forward(p, config, *a))))
+  # Warm-up (untimed): the first XLA compile of a process pays one-off start-up costs.
+  warm_config = _t5_config(1)
+  warm_args = (init_params(t5.param_specs(warm_config), jax.random.PRNGKey(1)), *batch)
+  for _, make in makers(warm_config):
+    _time_compile(make, warm_args)
+  del warm_args
 
-  results = {}  # (kind, depth) -> dict
-  for depth in depths:
-    config = _t5_config(depth)
-    specs = t5.param_specs(config)
-    params = init_params(specs, jax.random.PRNGKey(depth))
-    args = (params, *batch)
-    for kind, make in (("forward", forward_fn(config)), ("fwd+bwd (grad)", grad_fn(config))):
-      lowers, compiles = [], []
-      for _ in range(reps):
-        lo, co, compiled = _time_compile(make, args)
-        lowers.append(lo)
-        compiles.append(co)
-      first, steady = _time_runs(compiled, args, 3)
-      results[("scan", kind, depth)] = dict(lower=lowers, compile=compiles, first=first, steady=steady,
-                                            params=count_params(specs))
-      print(f"  [scan    ] {kind:14s} {depth:2d} layers: lower {min(lowers):.2f}s compile {min(compiles):.2f}s "
-            f"(min of {reps})", flush=True)
-    if depth in unrolled_depths:
-      with _Unrolled():
-        for kind, make in (("forward", forward_fn(config)), ("fwd+bwd (grad)", grad_fn(config))):
-          lo, co, compiled = _time_compile(make, args)
-          first, steady = _time_runs(compiled, args, 3)
-          results[("unrolled", kind, depth)] = dict(lower=[lo], compile=[co], first=first, steady=steady,
-                                                    params=count_params(specs))
+  configs = {d: _t5_config(d) for d in depths}
+  args = {d: (init_params(t5.param_specs(c), jax.random.PRNGKey(d)), *batch) for d, c in configs.items()}
+  results = {}  # (how, kind, depth) -> dict
+  # Repetitions round-robin over depths, so load from other processes on the machine hits all depths alike.
+  for rep in range(reps):
+    for depth in depths:
+      for kind, make in makers(configs[depth]):
+        lo, co, cpu, compiled = _time_compile(make, args[depth])
+        r = results.setdefault(("scan", kind, depth), dict(lower=[], compile=[], cpu=[],
+                                                           params=count_params(t5.param_specs(configs[depth]))))
+        r["lower"].append(lo)
+        r["compile"].append(co)
+        r["cpu"].append(cpu)
+        if rep == reps - 1:
+          r["hlo"] = _hlo_stats(compiled)
+          r["first"], r["steady"] = _time_runs(compiled, args[depth], 3 if kind == "forward" else 0)
           if kind == "forward":
-            scanned = results[("scan", kind, depth)]
-            diff = float(jnp.max(jnp.abs(compiled(*args) - jax.jit(lambda p, *a: t5.forward(p, config, *a))(*args))))
-            scanned["unrolled_max_abs_diff"] = diff
-          print(f"  [unrolled] {kind:14s} {depth:2d} layers: lower {lo:.2f}s compile {co:.2f}s", flush=True)
-    del params, args
+            r["logits"] = compiled(*args[depth])
+        print(f"  [scan    ] rep {rep + 1}/{reps} {kind:14s} {depth:2d} layers: lower {lo:.2f}s compile {co:.2f}s "
+              f"(CPU {cpu:.2f}s)", flush=True)
+  for depth in unrolled_depths:
+    with _Unrolled():
+      for kind, make in makers(configs[depth]):
+        lo, co, cpu, compiled = _time_compile(make, args[depth])
+        # Running the unrolled gradient adds nothing to the compile story and costs ~10 s at 24 layers.
+        first, steady = _time_runs(compiled, args[depth], 3) if kind == "forward" else (None, None)
+        r = results[("unrolled", kind, depth)] = dict(lower=[lo], compile=[co], cpu=[cpu], first=first, steady=steady,
+                                                      hlo=_hlo_stats(compiled),
+                                                      params=results[("scan", kind, depth)]["params"])
+        if kind == "forward":
+          scanned = results[("scan", kind, depth)]["logits"]
+          r["max_abs_diff"] = float(jnp.max(jnp.abs(compiled(*args[depth]) - scanned)))
+        print(f"  [unrolled] {kind:14s} {depth:2d} layers: lower {lo:.2f}s compile {co:.2f}s (CPU {cpu:.2f}s)",
+              flush=True)
+  del args
 
-  lines = []
   rows = []
   for (how, kind, depth), r in sorted(results.items(), key=lambda kv: (kv[0][1] != "forward", kv[0][0], kv[0][2])):
     rows.append([kind, how, f"{depth}+{depth}", f"{r['params'] / 1e6:.1f}M",
                  f"{min(r['lower']):.2f}", f"{min(r['compile']):.2f}",
-                 f"{statistics.median(r['compile']):.2f}" if len(r["compile"]) > 1 else "-",
-                 f"{r['first'] * 1e3:.0f}", f"{r['steady'] * 1e3:.0f}"])
-  lines.append(table(["pass", "layers via", "enc+dec", "params", "lower s", "compile s (min)", "compile s (med)",
-                      "1st run ms", "steady ms"], rows))
-  lines.append("")
+                 f"{statistics.median(r['compile']):.2f}" if len(r["compile"]) > 1 else "-", f"{min(r['cpu']):.2f}",
+                 f"{r['hlo'][0]}", f"{r['hlo'][1]}",
+                 _ms(r["first"]), _ms(r["steady"])])
+  lines = [table(["pass", "layers via", "enc+dec", "params", "lower s", "compile s (min)", "compile s (median)",
+                  "compile CPU s (min)", "HLO kB", "while loops", "1st run ms", "steady ms"], rows, left=2), ""]
   lo_d, hi_d = min(depths), max(depths)
+  _total = lambda r: min(r["lower"]) + min(r["compile"])  # noqa: E731
   for kind in ("forward", "fwd+bwd (grad)"):
     for how in ("scan", "unrolled"):
       a, b = results.get((how, kind, lo_d)), results.get((how, kind, hi_d))
       if a and b:
-        ratio_c = min(b["compile"]) / min(a["compile"])
-        ratio_lc = (min(b["lower"]) + min(b["compile"])) / (min(a["lower"]) + min(a["compile"]))
-        lines.append(f"  {kind:14s} {how:8s}: compile({hi_d} layers) / compile({lo_d} layers) = {ratio_c:.2f}x  "
-                     f"(lower+compile: {ratio_lc:.2f}x)")
-    s, u = results.get(("scan", kind, hi_d)), results.get(("unrolled", kind, hi_d))
-    if s and u:
-      lines.append(f"  {kind:14s} at {hi_d} layers: unrolled / scan compile = "
-                   f"{min(u['compile']) / min(s['compile']):.2f}x, lower+compile = "
-                   f"{(min(u['lower']) + min(u['compile'])) / (min(s['lower']) + min(s['compile'])):.2f}x")
-  diffs = [(d, r["unrolled_max_abs_diff"]) for (how, kind, d), r in results.items() if "unrolled_max_abs_diff" in r]
-  for d, diff in diffs:
-    lines.append(f"  check: unrolled vs scanned forward logits at {d} layers, max |diff| = {diff:.2e}")
+        lines.append(f"  {kind:14s} {how:8s}: {hi_d}-layer / {lo_d}-layer compile = "
+                     f"{min(b['compile']) / min(a['compile']):.2f}x (min), "
+                     f"{statistics.median(b['compile']) / statistics.median(a['compile']):.2f}x (median), "
+                     f"{min(b['cpu']) / min(a['cpu']):.2f}x (CPU time); "
+                     f"lower+compile {_total(b) / _total(a):.2f}x; "
+                     f"optimized HLO {b['hlo'][0] / a['hlo'][0]:.2f}x")
+    s_, u = results.get(("scan", kind, hi_d)), results.get(("unrolled", kind, hi_d))
+    if s_ and u:
+      lines.append(f"  {kind:14s} at {hi_d} layers: unrolled / scan = {min(u['compile']) / min(s_['compile']):.2f}x "
+                   f"compile, {_total(u) / _total(s_):.2f}x lower+compile")
+  for (how, kind, depth), r in sorted(results.items()):
+    if "max_abs_diff" in r:
+      lines.append(f"  check: unrolled vs scanned forward logits at {depth} layers: "
+                   f"max |diff| = {r['max_abs_diff']:.1e}")
   return lines
 
 
@@ -273,43 +300,63 @@ def _largest_leaf(params) -> int:
   return max(int(x.nbytes) for x in jax.tree.leaves(params))
 
 
+def _malloc_trim() -> bool:
+  """Runs Python's cyclic GC and returns freed heap to the OS (glibc), so what remains is live data."""
+  import gc  # pylint: disable=import-outside-toplevel
+  gc.collect()
+  try:
+    import ctypes  # pylint: disable=import-outside-toplevel
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return True
+  except (OSError, AttributeError):
+    return False
+
+
 def child_main(argv: list[str]) -> None:
   """Entry point of the measured subprocesses (`--child MODE ...`)."""
   mode = argv[0]
   if mode == "build_hf":
     _build_hf(*argv[1:])
     return
+  if mode == "widen_vocab":
+    _widen_vocab(*argv[1:])
+    return
   _child_warm_up()
   import jax  # pylint: disable=import-outside-toplevel
   import t5x_lite  # pylint: disable=import-outside-toplevel
+  done = {}
   if mode == "idle":
     _child_mark("BASELINE", hwm_reset=_reset_hwm())
-    _child_mark("DONE")
   elif mode == "load":
     src, dtype = argv[1], argv[2]
     _child_mark("BASELINE", hwm_reset=_reset_hwm())
     t0 = time.perf_counter()
     model = t5x_lite.load(src, dtype=dtype, progress=False)
     jax.block_until_ready(model.params)
-    seconds = time.perf_counter() - t0
-    _child_mark("DONE", seconds=seconds, params_bytes=_params_bytes(model.params),
-                largest_leaf=_largest_leaf(model.params), ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-  elif mode == "export":
-    src, out, shard = argv[1], argv[2], int(argv[3])
-    model = t5x_lite.load(src, progress=False)
+    done = dict(seconds=time.perf_counter() - t0)
+  elif mode in ("export", "save"):
+    src, out, dtype = argv[1], argv[2], argv[3]
+    model = t5x_lite.load(src, dtype=dtype, progress=False)
     jax.block_until_ready(model.params)
-    _child_mark("BASELINE", hwm_reset=_reset_hwm(), params_bytes=_params_bytes(model.params),
-                largest_leaf=_largest_leaf(model.params))
+    _malloc_trim()
+    _child_mark("BASELINE", hwm_reset=_reset_hwm())
     t0 = time.perf_counter()
-    model.save_hf(out, max_shard_bytes=shard)
-    _child_mark("DONE", seconds=time.perf_counter() - t0, params_bytes=_params_bytes(model.params),
-                largest_leaf=_largest_leaf(model.params))
+    if mode == "export":
+      model.save_hf(out, max_shard_bytes=int(argv[4]))
+    else:
+      model.save(out)
+    done = dict(seconds=time.perf_counter() - t0)
   else:
     raise SystemExit(f"unknown child mode {mode!r}")
+  if mode != "idle":
+    done.update(params_bytes=_params_bytes(model.params), largest_leaf=_largest_leaf(model.params))
+  _child_mark("DONE", **done)
+  _child_mark("TRIMMED", trimmed=_malloc_trim())
 
 
-def _build_hf(single_dir: str, sharded_dir: str, layers: str) -> None:
-  """t5-v1_1-small-shaped T5ForConditionalGeneration with an untied head, saved single-file and sharded."""
+def _build_hf(single_dir: str, sharded_dir: str, layers: str, vocab: str) -> None:
+  """T5ForConditionalGeneration at t5-v1_1-small widths (any vocab), untied head, saved single-file and (when
+  `sharded_dir` is not "-") with 50 MB shards."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers as tf  # pylint: disable=import-outside-toplevel
@@ -317,7 +364,7 @@ def _build_hf(single_dir: str, sharded_dir: str, layers: str) -> None:
   torch.set_num_threads(2)
   torch.manual_seed(0)
   n = int(layers)
-  config = tf.T5Config(vocab_size=WIDTH["vocab_size"], d_model=WIDTH["d_model"], d_kv=WIDTH["head_dim"],
+  config = tf.T5Config(vocab_size=int(vocab), d_model=WIDTH["d_model"], d_kv=WIDTH["head_dim"],
                        d_ff=WIDTH["d_ff"], num_heads=WIDTH["num_heads"], num_layers=n, num_decoder_layers=n,
                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -333,13 +380,52 @@ def _build_hf(single_dir: str, sharded_dir: str, layers: str) -> None:
   model = tf.T5ForConditionalGeneration.from_pretrained(staging).eval()
   assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
   model.save_pretrained(single_dir, max_shard_size="50GB")
-  model.save_pretrained(sharded_dir, max_shard_size="50MB")
+  if sharded_dir != "-":
+    model.save_pretrained(sharded_dir, max_shard_size="50MB")
   shutil.rmtree(staging)
   print(f"@@BUILT {json.dumps({'params': sum(p.numel() for p in model.parameters())})}", flush=True)
 
 
-def run_measured(argv: list[str]) -> dict:
-  """Runs a subprocess, sampling its /proc status every 2 ms; returns marks, peaks and wait4's ru_maxrss."""
+def _child_pid(pid: int) -> int | None:
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      kids = f.read().split()
+    return int(kids[0]) if kids else None
+  except (OSError, ValueError):
+    return None
+
+
+def _widen_vocab(src_dir: str, out_dir: str, vocab: str) -> None:
+  """The checkpoint in `src_dir` with its embedding and lm_head widened to `vocab` rows (random), written the
+  way save_pretrained writes it: an mT5-like model whose two vocab-sized leaves dominate its size, built in
+  seconds instead of through torch's initialisers."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  n = int(vocab)
+  tensors = load_file(os.path.join(src_dir, "model.safetensors"))
+  rng = np.random.default_rng(0)
+  for name in ("shared.weight", "lm_head.weight"):
+    d = tensors[name].shape[1]
+    tensors[name] = rng.standard_normal((n, d), dtype=np.float32) * np.float32(0.05)
+  os.makedirs(out_dir)
+  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(src_dir, "config.json")) as f:
+    config = json.load(f)
+  config["vocab_size"] = n
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  print(f"@@BUILT {json.dumps({'params': sum(int(t.size) for t in tensors.values())})}", flush=True)
+
+
+def run_measured(argv: list[str], *, under_time: bool = False) -> dict:
+  """Runs a subprocess, sampling its /proc status every 2 ms; returns its marks and sampled peaks.
+
+  `under_time`: run it as `/usr/bin/time -v ARGV` and sample the process `time` started; `time_maxrss` is then
+  the kernel's peak RSS of that process alone. (ru_maxrss of a child forked straight from this process would
+  not do: Linux carries the parent's RSS at fork into the child's ru_maxrss, and part 1 leaves this one large.)
+  """
+  if under_time:
+    argv = ["/usr/bin/time", "-v", *argv]
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              TF_CPP_MIN_LOG_LEVEL="3", TQDM_DISABLE="1")
   t_start = time.monotonic()
@@ -362,11 +448,17 @@ def run_measured(argv: list[str]) -> dict:
   for t in threads:
     t.start()
   samples = []  # (monotonic time, status)
+  target = None if under_time else proc.pid
   while True:
-    pid, wstatus, usage = os.wait4(proc.pid, os.WNOHANG)
+    pid, wstatus, _ = os.wait4(proc.pid, os.WNOHANG)
     if pid:
       break
-    s = _status(proc.pid)
+    if target is None:
+      target = _child_pid(proc.pid)
+      if target is None:
+        time.sleep(0.001)
+        continue
+    s = _status(target)
     if s:
       samples.append((time.monotonic(), s))
     time.sleep(0.002)
@@ -384,7 +476,11 @@ def run_measured(argv: list[str]) -> dict:
   base = marks.get("BASELINE")
   since = base["t"] if base else None
   until = marks["DONE"]["t"] if "DONE" in marks else None
-  return dict(marks=marks, wall=wall, ru_maxrss=usage.ru_maxrss * 1024, samples=len(samples),
+  time_maxrss = None
+  for line in stderr_lines:
+    if "Maximum resident set size (kbytes):" in line:
+      time_maxrss = int(line.rsplit(":", 1)[1]) * 1024
+  return dict(marks=marks, wall=wall, time_maxrss=time_maxrss, samples=len(samples),
               peak_anon=peak("RssAnon", since, until), peak_file=peak("RssFile", since, until),
               peak_rss=peak("VmRSS", since, until), stderr=stderr_lines)
 
@@ -397,102 +493,122 @@ def _tree_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def bench_memory(hf_layers: int, workdir: str) -> list[str]:
-  py = sys.executable
-  me = os.path.abspath(__file__)
-  single, sharded = os.path.join(workdir, "hf_single"), os.path.join(workdir, "hf_sharded")
+def _measure_checkpoint(name: str, layers: int, vocab: int, workdir: str, full: bool,
+                        widen_from: str | None) -> tuple[list[str], list[dict]]:
+  """Builds one HF checkpoint and measures each conversion of it in a fresh process."""
+  py, me = sys.executable, os.path.abspath(__file__)
+  single, sharded = os.path.join(workdir, f"{name}_single"), os.path.join(workdir, f"{name}_sharded")
   t0 = time.monotonic()
-  built = run_measured([py, me, "--child", "build_hf", single, sharded, str(hf_layers)])
+  if widen_from:
+    built = run_measured([py, me, "--child", "widen_vocab", os.path.join(workdir, f"{widen_from}_single"), single,
+                          str(vocab)])
+  else:
+    built = run_measured([py, me, "--child", "build_hf", single, sharded if full else "-", str(layers), str(vocab)])
   n_params = built["marks"]["BUILT"]["params"]
   ckpt = _dir_bytes(single)
-  n_shards = len([f for f in os.listdir(sharded) if f.endswith(".safetensors")])
-  print(f"  built the HF checkpoint in {time.monotonic() - t0:.1f}s", flush=True)
+  print(f"  built {name} ({n_params / 1e6:.0f}M params, {ckpt / MB:.0f} MB) in {time.monotonic() - t0:.1f}s",
+        flush=True)
 
-  cases = []  # (label, result, baseline status, ckpt bytes, params bytes, largest leaf, extra note)
-  for label, src, dtype in ((f"load single file (f32)", single, "float32"),
-                            (f"load sharded index, {n_shards} files (f32)", sharded, "float32"),
-                            (f"load single file -> bfloat16", single, "bfloat16")):
-    r = run_measured([py, me, "--child", "load", src, dtype])
-    done = r["marks"]["DONE"]
-    cases.append(dict(label=label, r=r, base=r["marks"]["BASELINE"], ckpt=_dir_bytes(src),
-                      params=done["params_bytes"], leaf=done["largest_leaf"], seconds=done["seconds"],
-                      hwm_exact=r["marks"]["BASELINE"]["hwm_reset"]))
-    print(f"  measured: {label}", flush=True)
+  def measure(label, argv, *, ckpt_bytes, base=None, params=None, leaf=None, kind="load", out=None, under_time=False):
+    r = run_measured(argv, under_time=under_time)
+    done = r["marks"].get("DONE", {})
+    case = dict(label=label, r=r, base=(base or r["marks"]["BASELINE"])["status"], ckpt=ckpt_bytes, kind=kind,
+                params=done.get("params_bytes", params), leaf=done.get("largest_leaf", leaf),
+                seconds=done.get("seconds", r["wall"]),
+                hwm_exact=base is None and r["marks"]["BASELINE"]["hwm_reset"],
+                out_bytes=_tree_bytes(out) if out else None)
+    print(f"  measured {name}: {label} ({r['wall']:.1f}s)", flush=True)
+    return case
 
-  # The CLI as users run it: peak from wait4 (ru_maxrss), baseline from an import-only process.
-  idle = run_measured([py, me, "--child", "idle"])
-  cli_out = os.path.join(workdir, "ours_bf16")
-  r = run_measured([py, "-m", "t5x_lite.convert", "--from-hf", single, "--out", cli_out, "--dtype", "bfloat16"])
-  cases.append(dict(label="CLI --from-hf --dtype bfloat16 (+orbax save)", r=r, base=idle["marks"]["BASELINE"],
-                    ckpt=ckpt, params=n_params * 2, leaf=WIDTH["vocab_size"] * WIDTH["d_model"] * 2,
-                    seconds=r["wall"], hwm_exact=False, cli=True, out_bytes=_tree_bytes(cli_out)))
-  print("  measured: CLI", flush=True)
+  cases = [measure("load, single file, f32", [py, me, "--child", "load", single, "float32"], ckpt_bytes=ckpt)]
+  if full:
+    n_shards = len([f for f in os.listdir(sharded) if f.endswith(".safetensors")])
+    cases.append(measure(f"load, {n_shards} shards of 50 MB, f32", [py, me, "--child", "load", sharded, "float32"],
+                         ckpt_bytes=_dir_bytes(sharded)))
+  cases.append(measure("load, single file -> bf16", [py, me, "--child", "load", single, "bfloat16"], ckpt_bytes=ckpt))
+  if full:
+    # The CLI as users run it: its peak from wait4 (ru_maxrss), its baseline from an import-only process.
+    idle = run_measured([py, me, "--child", "idle"])
+    out = os.path.join(workdir, f"{name}_ours_bf16")
+    cases.append(measure("CLI --from-hf --dtype bfloat16", [py, "-m", "t5x_lite.convert", "--from-hf", single,
+                                                            "--out", out, "--dtype", "bfloat16"], under_time=True,
+                         ckpt_bytes=ckpt, base=idle["marks"]["BASELINE"], params=n_params * 2,
+                         leaf=vocab * WIDTH["d_model"] * 2, kind="cli", out=out))
+    out = os.path.join(workdir, f"{name}_orbax_bf16")
+    cases.append(measure("  of which Model.save (orbax), bf16", [py, me, "--child", "save", single, out, "bfloat16"],
+                         ckpt_bytes=ckpt, kind="save", out=out))
+  exports = [("Model.save_hf, single file", 2 * 1024 ** 3)]
+  if full:
+    exports.append(("Model.save_hf, 50 MB shards", 50 * MB))
+  for label, shard in exports:
+    out = os.path.join(workdir, f"{name}_export_{shard}")
+    cases.append(measure(label, [py, me, "--child", "export", single, out, "float32", str(shard)],
+                         ckpt_bytes=ckpt, kind="export", out=out))
+  how = (f"{widen_from} with shared/lm_head widened to vocab {vocab} by numpy" if widen_from else
+         f"transformers T5ForConditionalGeneration save_pretrained, d_model 512, 6x64 heads, gated-gelu d_ff 1024, "
+         f"{layers}+{layers} layers, vocab {vocab}, untied head")
+  return ([f"{name}: {how}: {n_params / 1e6:.1f}M params, model.safetensors {ckpt / MB:.0f} MB float32"], cases)
 
-  for label, shard in (("Model.save_hf, single file", 2 * 1024 ** 3), ("Model.save_hf, 50 MB shards", 50 * MB)):
-    out = os.path.join(workdir, f"export_{shard}")
-    r = run_measured([py, me, "--child", "export", single, out, str(shard)])
-    base = r["marks"]["BASELINE"]
-    cases.append(dict(label=label, r=r, base=base, ckpt=_dir_bytes(out), params=base["params_bytes"],
-                      leaf=base["largest_leaf"], seconds=r["marks"]["DONE"]["seconds"], hwm_exact=base["hwm_reset"],
-                      export=True))
-    print(f"  measured: {label}", flush=True)
 
-  lines = [f"checkpoint: transformers T5ForConditionalGeneration, t5-v1_1-small widths, {hf_layers}+{hf_layers} "
-           f"layers, untied head: {n_params / 1e6:.1f}M params, model.safetensors {ckpt / MB:.0f} MB float32 "
-           f"({n_shards} files when sharded at 50 MB)", ""]
-  rows = []
-  for c in cases:
-    r, base = c["r"], c["base"]["status"]
-    if c.get("cli"):
-      hwm = r["ru_maxrss"]
-    else:
-      hwm = r["marks"]["DONE"]["status"]["VmHWM"]
-    d_total = hwm - base["VmRSS"]
-    d_anon = r["peak_anon"] - base["RssAnon"]
-    d_file = r["peak_file"] - base["RssFile"]
-    after_anon = (r["marks"]["DONE"]["status"]["RssAnon"] - base["RssAnon"]) if "DONE" in r["marks"] else None
-    c.update(d_total=d_total, d_anon=d_anon, d_file=d_file)
-    rows.append([c["label"], f"{c['ckpt'] / MB:.0f}", f"{c['params'] / MB:.0f}",
-                 f"{base['VmRSS'] / MB:.0f}", f"{hwm / MB:.0f}",
-                 f"{d_total / MB:.0f} ({d_total / c['ckpt']:.2f}x)",
-                 f"{d_anon / MB:.0f} ({d_anon / c['ckpt']:.2f}x)",
-                 f"{(d_anon - c['params']) / MB:+.0f}" if not c.get("export") else f"{d_anon / MB:+.0f}",
-                 f"{d_file / MB:.0f}",
-                 f"{after_anon / MB:.0f}" if after_anon is not None else "-",
-                 f"{c['seconds']:.1f}"])
-  lines.append(table(
-      ["case", "ckpt MB", "params MB", "base RSS", "peak RSS", "peak RSS - base (x ckpt)",
-       "peak anon - base (x ckpt)", "anon over params", "peak file-backed", "anon after", "seconds"], rows))
+def bench_memory(checkpoints: list[tuple], workdir: str) -> list[str]:
+  lines, rows, verdicts = [], [], []
+  for name, layers, vocab, full, widen_from in checkpoints:
+    head, cases = _measure_checkpoint(name, layers, vocab, workdir, full, widen_from)
+    lines += head
+    for c in cases:
+      r, base = c["r"], c["base"]
+      if c["kind"] == "cli":
+        hwm = r["time_maxrss"] or r["peak_rss"]
+      else:  # VmHWM is exact only when it could be reset at the baseline; else the 2 ms samples
+        hwm = r["marks"]["DONE"]["status"]["VmHWM"] if c["hwm_exact"] else r["peak_rss"]
+      d_total = hwm - base["VmRSS"]
+      d_anon = r["peak_anon"] - base["RssAnon"]
+      d_file = r["peak_file"] - base["RssFile"]
+      marks = r["marks"]
+      after = marks["DONE"]["status"]["RssAnon"] - base["RssAnon"] if "DONE" in marks else None
+      trimmed = marks["TRIMMED"]["status"]["RssAnon"] - base["RssAnon"] if "TRIMMED" in marks else None
+      # Beyond the params: for loads the params are part of the increment; for saves they are in the baseline.
+      over = d_anon - c["params"] if c["kind"] in ("load", "cli") else d_anon
+      rows.append([name, c["label"], f"{c['ckpt'] / MB:.0f}", f"{c['params'] / MB:.0f}", f"{base['VmRSS'] / MB:.0f}",
+                   f"{d_total / MB:.0f} = {d_total / c['ckpt']:.2f}x",
+                   f"{d_anon / MB:.0f} = {d_anon / c['ckpt']:.2f}x",
+                   f"{over / MB:+.0f} = {over / c['leaf']:.1f}", f"{d_file / MB:.0f}",
+                   "-" if after is None else f"{after / MB:.0f} / {trimmed / MB:.0f}", f"{c['seconds']:.1f}"])
+      if c["kind"] in ("load", "cli"):
+        verdicts.append(
+            f"  {name}, {c['label'].strip()}: anon peak {d_anon / MB:.0f} MB = {d_anon / c['params']:.2f}x the "
+            f"params = params + {over / c['leaf']:.1f} largest leaves in flight (target ~1); "
+            f"{d_anon / c['ckpt']:.2f}x the checkpoint -> {'under' if d_anon < 2 * c['ckpt'] else 'OVER'} 2x; "
+            f"with mapped file pages {d_total / c['ckpt']:.2f}x")
+      else:
+        verdicts.append(
+            f"  {name}, {c['label'].strip()}: {over / MB:.0f} MB beyond the loaded params = "
+            f"{over / c['params']:.2f}x the params ({over / c['leaf']:.1f} largest leaves)"
+            + (f"; wrote {c['out_bytes'] / MB:.0f} MB" if c["out_bytes"] else ""))
+  lines.append("")
+  lines.append(table(["ckpt", "case", "ckpt MB", "params MB", "base RSS MB", "peak RSS-base MB = x ckpt",
+                      "peak anon-base MB = x ckpt", "anon beyond params MB = leaves", "peak file MB",
+                      "anon after / trimmed MB", "s"], rows, left=2))
   lines += [
       "",
-      "  ckpt MB: bytes of *.safetensors read (export rows: written); params MB: the loaded params pytree "
-      "(bfloat16 = half).",
-      "  base RSS: the process after imports and jax start-up (export rows: after the model is loaded; CLI row: "
-      "an import-only process).",
-      "  peak RSS: kernel VmHWM, reset to the baseline at the measured phase (CLI: wait4 ru_maxrss, whole run).",
-      "  peak anon: RssAnon (heap, numpy and jax CPU buffers) sampled every 2 ms by the parent; 'anon over "
-      "params' = peak anon - base - params bytes, the transient beyond one copy of the params (export rows: the "
-      "whole increment, since the params are in the baseline).",
-      "  peak file-backed: RssFile increase = safetensors pages memory-mapped by safe_open and touched by reads.",
-      "  Interpretation: mapped, clean file pages count in RSS while the reader keeps the files open, but they "
-      "are page cache shared with the kernel (reclaimable, not a second copy the converter allocated). So the "
-      "'one copy' test is on the anonymous increment: it should be params bytes + about one leaf in flight; "
-      "total RSS can approach 2x the checkpoint from the mapping alone.",
+      "  ckpt MB: *.safetensors bytes read (export: written); params MB: the params pytree (bf16 = half); leaves: in "
+      "units of the largest leaf (the embedding / lm_head, vocab x 512).",
+      "  base RSS: the process after imports + jax start-up (save/export: after the model is loaded and malloc_trim; "
+      "CLI: an import-only process, as the CLI cannot be paused).",
+      "  peak RSS: the kernel's exact VmHWM, reset to the baseline at the start of the measured phase (CLI: "
+      "/usr/bin/time -v maximum resident set size of the whole run).",
+      "  peak anon: RssAnon (malloc heap, numpy and jax CPU buffers), sampled every 2 ms from the parent; 'beyond "
+      "params' = peak anon - base - params bytes (save/export: the whole increment, as the params are in base).",
+      "  peak file: RssFile increase = safetensors pages memory-mapped by safe_open and touched by reads.",
+      "  anon after / trimmed: RssAnon - base once done, before / after gc.collect() + glibc malloc_trim(0) (the "
+      "difference is memory waiting for Python's cyclic GC or kept by malloc, not live data).",
+      "  Interpretation: the mapped file pages count in RSS while the reader holds the files open, but they are "
+      "clean page cache (the kernel can drop them; it is not a copy the converter allocated), so 'total RSS' "
+      "can reach ~2x the checkpoint from the mapping alone. The one-copy test is on the anonymous memory: "
+      "params + about one leaf in flight.",
       "",
+      *verdicts,
   ]
-  for c in cases:
-    if c.get("export"):
-      verdict = (f"export holds {c['d_anon'] / MB:.0f} MB extra = {c['d_anon'] / c['params']:.2f}x the params "
-                 f"(largest leaf {c['leaf'] / MB:.0f} MB)")
-    else:
-      excess = c["d_anon"] - c["params"]
-      verdict = (f"anon peak = params + {excess / MB:.0f} MB = params + {excess / c['leaf']:.2f} x largest leaf "
-                 f"({c['leaf'] / MB:.0f} MB); total RSS increment {c['d_total'] / c['ckpt']:.2f}x checkpoint "
-                 f"-> {'one copy' if excess < 2.5 * c['leaf'] else 'MORE THAN ONE COPY'}")
-    lines.append(f"  {c['label']}: {verdict}")
-  cli = next(c for c in cases if c.get("cli"))
-  lines.append(f"  CLI output (orbax, bfloat16) on disk: {cli['out_bytes'] / MB:.0f} MB; wall {cli['r']['wall']:.1f}s "
-               f"including python/jax start-up")
   return lines
 
 
@@ -506,7 +622,9 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3, help="compiles per scanned config (min and median shown)")
   parser.add_argument("--depths", default="2,8,24", help="layers per stack to compile")
   parser.add_argument("--no-unrolled", action="store_true", help="skip the unrolled (Python-loop) contrast")
-  parser.add_argument("--hf-layers", type=int, default=8, help="layers per stack of the converted checkpoint")
+  parser.add_argument("--hf-layers", type=int, default=8, help="layers per stack of the converted checkpoints")
+  parser.add_argument("--no-big-vocab", action="store_true",
+                      help="skip the mt5-small-like checkpoint (vocab 250112, ~1.2 GB), where the embedding dominates")
   parser.add_argument("--skip-compile", action="store_true")
   parser.add_argument("--skip-memory", action="store_true")
   args = parser.parse_args()
@@ -522,14 +640,18 @@ def main() -> None:
     res = bench_compile(depths, args.reps, unrolled)
     out += ["", f"[1] compile time vs depth (t5-v1_1-small widths: d_model 512, 6x64 heads, gated-gelu d_ff 1024, "
             f"untied head, vocab 32128; batch {BATCH}, input {INPUT_LEN}, target {TARGET_LEN}, float32)",
-            f"    lower = trace + StableHLO; compile = XLA; 'unrolled' = the same t5.forward with scan_layers "
-            f"swapped for a Python loop (in this process only); steady = median of 3 runs after the first", ""]
+            "    lower = trace + StableHLO; compile = XLA (wall, and CPU time of this process, which other "
+            "processes on the machine disturb far less); 'unrolled' = the same t5.forward with scan_layers swapped "
+            "for a Python loop (in this process only); steady = median of 3 runs after the first", ""]
     out += res
   if not args.skip_memory:
-    print(f"\n[2] converter peak memory (subprocesses) (progress:)", flush=True)
+    print("\n[2] converter peak memory (subprocesses) (progress:)", flush=True)
     workdir = tempfile.mkdtemp(prefix="bench_foundation_")
     try:
-      res = bench_memory(args.hf_layers, workdir)
+      checkpoints = [("t5-v1_1-small", args.hf_layers, WIDTH["vocab_size"], True, None)]
+      if not args.no_big_vocab:
+        checkpoints.append(("mt5-small-like", args.hf_layers, 250112, False, "t5-v1_1-small"))
+      res = bench_memory(checkpoints, workdir)
     finally:
       shutil.rmtree(workdir, ignore_errors=True)
     out += ["", "[2] converter peak memory, each case in a fresh subprocess", ""] + res

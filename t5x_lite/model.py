@@ -29,6 +29,9 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = Non
     raise ConversionError(f"{path}: not a directory")
   if checkpoint.is_checkpoint_dir(path):
     config, params = checkpoint.load_checkpoint(path, mesh=mesh, param_dtype=param_dtype, compute_dtype=dtype)
+  elif os.path.isdir(os.path.join(path, "checkpoints")):  # a train.py workdir: its latest checkpoint
+    from t5x_lite.training.checkpoints import load_run_params  # pylint: disable=import-outside-toplevel
+    config, params, _ = load_run_params(path, mesh=mesh, param_dtype=param_dtype, compute_dtype=dtype)
   elif os.path.exists(os.path.join(path, "config.json")):
     reader = hf.CheckpointReader(path)
     config = hf.load_hf_config(path, reader).replace(dtype=dtype, param_dtype=param_dtype)

@@ -1,0 +1,730 @@
+"""Greedy decoding throughput against transformers (PyTorch, CPU, static KV cache), side by side in one run.
+
+    .venv/bin/python bench/bench_decode.py [--quick] [--models t5,gemma] [--reps 3] [--gemma-vocab 262144]
+                                           [--threads N] [--profile] [--no-hf]
+
+Shapes: t5-v1_1-small (8+8 layers, d_model 512, 6 heads x 64, gated-GELU d_ff 1024, untied 32128 head) and the
+Gemma 3 270M text shape (18 layers, hidden 640, 4 query heads / 1 kv head x 256, d_ff 2048, tied head over
+`--gemma-vocab` tokens, 262144 as published). Both sides run the same random float32 weights: a transformers
+model is built from its config and written with `save_pretrained`; transformers (`from_pretrained`) and
+t5x_lite (`t5x_lite.load`) then both read that directory.
+
+Each case is batch 1, 8, 32 (`--quick`: 1 and 8) x 128 random prompt tokens x 64 greedy new tokens. Timed:
+  e2e     the whole `generate` call (encoder / prefill included) -> tokens/s = batch * 64 / e2e;
+  first   the same call stopped after the first new token (ours: the same compiled program with its traced
+          `limit` at 1; transformers: max_new_tokens=1) -> time to first token;
+  step    (e2e - first) / 63, the steady cost of one decoding step -> per-token latency.
+Median of `--reps` runs after a warm-up; ours and transformers' runs alternate so that load on the machine hits
+both alike. Our compile time (first call minus a steady call) is reported apart.
+
+The peer runs at its best: `torch.set_flush_denormal(True)`, `torch.set_num_threads(N)` with N the number of
+cores XLA:CPU uses (one intra-op thread per schedulable core; `--threads` pins this process to fewer cores),
+`generate(do_sample=False, cache_implementation="static")`. transformers compiles nothing on CPU by itself
+(its auto-compile is for accelerators), so its decoding runs eagerly.
+
+EOS: the saved configs set eos_token_id to vocab-1; every timed output, ours and theirs, is checked to hold 64
+real tokens (a row that emits EOS would stop early and the run would not be comparable; the check reports it).
+
+Self-reporting: a 2048^3 float32 matmul peak under XLA and torch and memory bandwidth (XLA read, XLA copy,
+numpy copy) are measured in the same run; each decoding step is reported as MFU (useful FLOPs: 2 x weights
+touched per token + attention, / step time / peak) and MBU (bytes a step must read: weights + KV caches at their
+actual length, / step time / XLA read bandwidth). The roofline step is max(bytes / bandwidth, FLOPs / peak);
+with the encoder / prefill at the matmul peak it bounds the end-to-end ratio any implementation could reach.
+
+`--profile` then splits one T5 decoding step at batch 8 into pieces, each jitted alone, and reads the optimized
+HLO of `t5.decoder_step` for the copies XLA inserts per step.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+PROMPT, NEW = 128, 64
+GB = 1e9
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="batch 1 and 8 only, 2 timed runs")
+  p.add_argument("--models", default="t5,gemma", help="comma list of t5, gemma")
+  p.add_argument("--batches", default=None, help="comma list overriding the batch sizes")
+  p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 3; --quick 2)")
+  p.add_argument("--gemma-vocab", type=int, default=262144, help="Gemma vocabulary (262144 = the 270M shape)")
+  p.add_argument("--threads", type=int, default=None, help="cores for both sides (default: all schedulable)")
+  p.add_argument("--profile", action="store_true", help="split a T5 batch-8 step into pieces")
+  p.add_argument("--no-hf", action="store_true", help="ours only (no transformers runs)")
+  args = p.parse_args()
+  args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+  for m in args.models:
+    if m not in ("t5", "gemma"):
+      p.error(f"unknown model {m!r}: use t5 and/or gemma")
+  args.batches = ([int(b) for b in args.batches.split(",")] if args.batches else
+                  [1, 8] if args.quick else [1, 8, 32])
+  args.reps = args.reps or (2 if args.quick else 3)
+  return args
+
+
+ARGS = parse_args()
+_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+if ARGS.threads and ARGS.threads < len(_CORES):
+  os.sched_setaffinity(0, set(_CORES[:ARGS.threads]))  # before jax starts its thread pool
+THREADS = ARGS.threads or len(_CORES)
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+import torch  # noqa: E402  pylint: disable=wrong-import-position
+import transformers  # noqa: E402  pylint: disable=wrong-import-position
+
+import t5x_lite  # noqa: E402  pylint: disable=wrong-import-position
+from t5x_lite import generation  # noqa: E402  pylint: disable=wrong-import-position
+from t5x_lite.decoding import buckets  # noqa: E402  pylint: disable=wrong-import-position
+
+torch.set_flush_denormal(True)
+torch.set_num_threads(THREADS)
+transformers.logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def table(headers, rows, left=1) -> str:
+  widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+  fmt = lambda r: "  ".join(str(x).rjust(w) if i >= left else str(x).ljust(w)
+                            for i, (x, w) in enumerate(zip(r, widths)))
+  return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+def timed(fn, *args):
+  t = time.perf_counter()
+  out = fn(*args)
+  return time.perf_counter() - t, out
+
+
+def best_of(fn, n: int) -> float:
+  """Median seconds of n calls after one warm-up (fn blocks on its result)."""
+  fn()
+  return statistics.median(timed(fn)[0] for _ in range(n))
+
+
+def say(*a):
+  print(*a, flush=True)
+
+
+def header() -> None:
+  cpu = "unknown CPU"
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+  load = os.getloadavg()
+  say("=" * 100)
+  say("bench_decode: greedy decoding, t5x_lite (JAX) vs transformers (PyTorch), CPU, float32")
+  say(f"machine : {cpu}, {os.cpu_count()} logical cores ({len(_CORES)} schedulable), {mem_gb:.1f} GiB RAM, "
+      f"load average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at start")
+  say(f"threads : {THREADS} on both sides: XLA:CPU one intra-op thread per schedulable core "
+      f"({len(os.sched_getaffinity(0))} schedulable now), torch.set_num_threads({torch.get_num_threads()}), "
+      f"flush_denormal on")
+  say(f"software: python {platform.python_version()}, jax {jax.__version__} ({jax.devices()[0].platform}), "
+      f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
+  say(f"run     : models {','.join(ARGS.models)}, batches {ARGS.batches}, prompt {PROMPT}, new {NEW}, "
+      f"{ARGS.reps} timed runs per case (median), gemma vocab {ARGS.gemma_vocab}")
+  say("=" * 100)
+
+
+# ---------------------------------------------------------------------------------- peaks and bandwidth
+
+def busy_probe() -> tuple[float, float]:
+  """A decode-sized torch matmul with all threads and with one (seconds each).
+
+  OpenMP (torch) stalls at each parallel region when another process holds one of its cores, so on a busy
+  machine the all-threads time is many times the one-thread time and the timings around it are not trustworthy.
+  """
+  a, b = torch.randn(8, 512), torch.randn(512, 1024)
+  with torch.inference_mode():
+    t_n = best_of(lambda: a @ b, 50)
+    torch.set_num_threads(1)
+    t_1 = best_of(lambda: a @ b, 50)
+    torch.set_num_threads(THREADS)
+  return t_n, t_1
+
+
+def measure_peaks() -> dict:
+  """Matmul peak (XLA, torch) and memory bandwidth, plus a probe of how busy the machine is."""
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(lambda a, b: a @ b)
+  xla_mm = best_of(lambda: mm(a, b).block_until_ready(), 5)
+  ta, tb = torch.randn(n, n), torch.randn(n, n)
+  with torch.inference_mode():
+    torch_mm = best_of(lambda: ta @ tb, 5)
+  flops = 2 * n ** 3
+  words = 64 * 1024 ** 2  # 256 MiB of float32
+  x = jnp.ones((words,), jnp.float32)
+  read = jax.jit(jnp.sum)
+  copy = jax.jit(lambda v: v + 1.0, donate_argnums=0)  # in place: no fresh pages to fault in
+  xla_read = best_of(lambda: read(x).block_until_ready(), 5)
+  box = [x]
+
+  def copy_step():
+    box[0] = copy(box[0]).block_until_ready()
+
+  xla_copy = best_of(copy_step, 5)
+  x = box[0]
+  src, dst = np.ones(words, np.float32), np.empty(words, np.float32)
+  np_copy = best_of(lambda: np.copyto(dst, src), 5)
+  tx = torch.ones(words)
+  with torch.inference_mode():
+    torch_read = best_of(lambda: tx.sum(), 5)
+  del x, src, dst, tx
+  small_n, small_1 = busy_probe()
+  bytes_ = words * 4
+  p = {"xla_peak": flops / xla_mm, "torch_peak": flops / torch_mm, "xla_read_bw": bytes_ / xla_read,
+       "xla_copy_bw": 2 * bytes_ / xla_copy, "np_copy_bw": 2 * bytes_ / np_copy, "torch_read_bw": bytes_ / torch_read,
+       "small_n": small_n, "small_1": small_1}
+  say(f"matmul peak (2048^3 f32): XLA {p['xla_peak'] / GB:.1f} GFLOP/s, torch {p['torch_peak'] / GB:.1f} GFLOP/s")
+  say(f"bandwidth (256 MiB f32): XLA read {p['xla_read_bw'] / GB:.1f} GB/s, XLA copy {p['xla_copy_bw'] / GB:.1f} "
+      f"GB/s (read+write), numpy copy {p['np_copy_bw'] / GB:.1f} GB/s, torch read {p['torch_read_bw'] / GB:.1f} GB/s"
+      " -> rooflines use the XLA read bandwidth")
+  say(f"busy probe: torch (8x512)@(512x1024) {small_n * 1e3:.3f} ms with {THREADS} threads, {small_1 * 1e3:.3f} ms "
+      f"with 1 ({small_n / small_1:.1f}x)")
+  if THREADS > 1 and small_n > 3 * small_1:
+    say(f"WARNING: the machine is oversubscribed (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
+        f"torch's {THREADS} OpenMP threads stall at every parallel region, so transformers is slowed far more "
+        "than XLA and the ratios below flatter us. Rerun on an idle machine (or compare with --threads 1).")
+  return p
+
+
+# ------------------------------------------------------------------------------------------ the models
+
+def build_t5():
+  """t5-v1_1-small with its untied head. transformers 5.x always ties T5's head at construction (the config's
+  tie_word_embeddings only picks the output scaling), so the head gets its own weights and the saved config says
+  tie_word_embeddings=false, as google/t5-v1_1-small's does; from_pretrained then keeps both (untied)."""
+  cfg = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                              num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                              decoder_start_token_id=0, pad_token_id=0, eos_token_id=32127)
+  torch.manual_seed(0)
+  model = transformers.T5ForConditionalGeneration(cfg)
+  model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model))  # T5's init: std 1
+  return model, {"tie_word_embeddings": False}
+
+
+def build_gemma():
+  """The Gemma 3 270M text shape (tied head), with `--gemma-vocab` tokens."""
+  V = ARGS.gemma_vocab
+  cfg = transformers.Gemma3TextConfig(
+      vocab_size=V, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+      num_key_value_heads=1, head_dim=256, sliding_window=512, query_pre_attn_scalar=256,
+      max_position_embeddings=32768, pad_token_id=0, bos_token_id=2, eos_token_id=V - 1)
+  torch.manual_seed(0)
+  return transformers.Gemma3ForCausalLM(cfg), {}
+
+
+def count_costs(kind: str, c, B: int) -> dict:
+  """Useful FLOPs and minimal bytes per decoding step (averaged over the 64 steps), and prefill FLOPs.
+
+  Only what a step must touch: weights used per token (T5's cross-attention K/V projections run once, in the
+  prefill), the embedding row, KV caches at their actual length (not the static cache's full width), f32.
+  """
+  f4 = 4
+  if kind == "t5":
+    D, N, H, F, V, L, Le = c.d_model, c.num_heads, c.head_dim, c.d_ff, c.vocab_size, c.num_decoder_layers, \
+        c.num_encoder_layers
+    ff = (3 if c.mlp_gated else 2) * D * F
+    matmul = L * (6 * D * N * H + ff) + D * V  # self q,k,v,o + cross q,o + MLP, per layer; the head
+    other = L * 3 * D + D + D  # norms, final norm, embedding row
+    keys = [t + 1 for t in range(NEW)]  # self-attention keys at step t (the 64 steps include the start token)
+    attn_flops = statistics.mean(L * 4 * N * H * (k + PROMPT) for k in keys)
+    cache_elems = statistics.mean(L * 2 * N * H * (k + PROMPT) for k in keys)
+    enc_matmul = Le * (4 * D * N * H + ff)
+    prefill = B * PROMPT * 2 * (enc_matmul + L * 2 * D * N * H) + B * Le * 4 * N * H * PROMPT ** 2
+    steps = NEW
+  else:
+    D, N, K, H, F, V, L = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.d_ff, c.vocab_size, c.num_layers
+    layer = D * N * H * 2 + 2 * D * K * H + 3 * D * F
+    matmul = L * layer + D * V
+    other = L * (4 * D + 2 * H) + D + D
+    W = c.sliding_window or 10 ** 9
+    keys = [PROMPT + t + 1 for t in range(NEW - 1)]  # 63 steps after the prefill
+    slide = sum(c.sliding_layers)
+    attn_flops = statistics.mean(4 * N * H * ((L - slide) * k + slide * min(k, W)) for k in keys)
+    cache_elems = statistics.mean(2 * K * H * ((L - slide) * k + slide * min(k, W)) for k in keys)
+    prefill = B * PROMPT * 2 * (L * layer) + B * L * 4 * N * H * PROMPT ** 2 // 2 + B * 2 * D * V
+    steps = NEW - 1
+  return {"flops": B * (2 * matmul + attn_flops), "weight_bytes": f4 * (matmul + other),
+          "cache_bytes": f4 * B * cache_elems, "bytes": f4 * (matmul + other) + f4 * B * cache_elems,
+          "prefill_flops": prefill, "steps": steps}
+
+
+# ------------------------------------------------------------------------------------------- one case
+
+class Case:
+  """One model: the transformers twin, ours loaded from its save_pretrained directory, and the prompts."""
+
+  def __init__(self, kind: str, tmp_root: str):
+    self.kind = kind
+    t = time.perf_counter()
+    built, patch = (build_t5 if kind == "t5" else build_gemma)()
+    self.dir = os.path.join(tmp_root, kind)
+    built.save_pretrained(self.dir)
+    del built
+    path = os.path.join(self.dir, "config.json")
+    with open(path) as f:
+      hf_config = json.load(f)
+    with open(path, "w") as f:
+      json.dump({**hf_config, **patch}, f, indent=2)
+    # Both sides read the same files.
+    self.hf = transformers.AutoModelForCausalLM.from_pretrained(self.dir) if kind == "gemma" else \
+        transformers.T5ForConditionalGeneration.from_pretrained(self.dir)
+    self.hf.eval()
+    t_save = time.perf_counter() - t
+    t, self.ours = timed(lambda: t5x_lite.load(self.dir, progress=False))
+    c = self.ours.config
+    self.eos = c.eos_token_id
+    n_params = sum(p.numel() for p in self.hf.parameters())
+    tied = self.hf.get_output_embeddings().weight.data_ptr() == self.hf.get_input_embeddings().weight.data_ptr()
+    say(f"\n### {kind}: {type(self.hf).__name__}, {n_params / 1e6:.1f}M params, head {'tied' if tied else 'untied'} "
+        f"(ours: {'tied' if c.tie_lm_head else 'untied'}) "
+        f"({n_params * 4 / 1e6:.0f} MB f32), vocab {c.vocab_size}; built+saved {t_save:.1f} s, "
+        f"t5x_lite.load {t:.1f} s; eos id {self.eos}")
+    rng = np.random.default_rng(0)
+    self.prompts = rng.integers(3, c.vocab_size - 1, (max(ARGS.batches), PROMPT)).astype(np.int32)
+    self.fn = None
+
+  # ours ------------------------------------------------------------------------------------------------
+  def ours_generate(self, B):
+    return self.ours.generate(self.prompts[:B], np.ones((B, PROMPT), np.int32), max_new_tokens=NEW)
+
+  def ours_first(self, B):
+    """The same compiled program as `generate`, its traced limit at 1: encoder/prefill and the first token."""
+    m = self.ours
+    ids, mask, _ = m._bucketed_prompt(self.prompts[:B], np.ones((B, PROMPT), np.int32))  # pylint: disable=protected-access
+    fn = generation.generate_fn(m.config, max_new=buckets.bucket(NEW), method="greedy", temperature=1.0, top_k=0,
+                                top_p=1.0, num_beams=4, length_penalty=1.0, brevity="hf")
+    out = fn(m.params, ids, mask, np.int32(1), jax.random.key(0), np.zeros(ids.shape[0], bool))
+    return np.asarray(out)
+
+  # transformers ----------------------------------------------------------------------------------------
+  def hf_generate(self, B, new=NEW):
+    ids = torch.from_numpy(self.prompts[:B].astype(np.int64))
+    with torch.inference_mode():
+      out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             cache_implementation="static", eos_token_id=self.eos, pad_token_id=0)
+    out = out.numpy()
+    return out[:, 1:] if self.kind == "t5" else out[:, PROMPT:]  # drop T5's start token / the prompt
+
+  def check(self, who, tokens, B):
+    """Number of rows that stopped early (EOS before 64 tokens)."""
+    short = B if tokens.shape[1] < NEW else int(np.sum(np.any(tokens == self.eos, axis=1)))
+    if short:
+      say(f"  NOTE {who} batch {B}: {short} row(s) emitted EOS (id {self.eos}) before {NEW} tokens")
+    return short
+
+  def run(self, B: int) -> dict:
+    p_n, p_1 = busy_probe()
+    r = {"B": B, "busy": p_n / p_1, "load": os.getloadavg()[0]}
+    t_c, ours = timed(lambda: self.ours_generate(B))  # compiles
+    t_c1, _ = timed(lambda: self.ours_first(B))  # same program: should not compile again
+    r["early_ours"] = self.check("ours", ours, B)
+    if not ARGS.no_hf:
+      self.hf_generate(B, new=2)  # warm-up: allocations, first-call paths
+    o64, o1, h64, h1 = [], [], [], []
+    for rep in range(ARGS.reps):
+      o64.append(timed(lambda: self.ours_generate(B))[0])
+      if not ARGS.no_hf:
+        t, hf = timed(lambda: self.hf_generate(B))
+        h64.append(t)
+        if rep == 0:
+          r["early_hf"] = self.check("transformers", hf, B)
+          same_rows = np.all(ours == hf, axis=1)
+          r["rows_equal"], r["token_agree"] = int(same_rows.sum()), float(np.mean(ours == hf))
+          r["first_diff"] = [int(np.argmax(ours[i] != hf[i])) for i in np.flatnonzero(~same_rows)]
+      o1.append(timed(lambda: self.ours_first(B))[0])
+      if not ARGS.no_hf:
+        h1.append(timed(lambda: self.hf_generate(B, new=1))[0])
+    med = statistics.median
+    r["ours_e2e"], r["ours_first"] = med(o64), med(o1)
+    r["ours_step"] = (r["ours_e2e"] - r["ours_first"]) / (NEW - 1)
+    r["compile"] = t_c - r["ours_e2e"] + max(t_c1 - r["ours_first"], 0.0)
+    if not ARGS.no_hf:
+      r["hf_e2e"], r["hf_first"] = med(h64), med(h1)
+      r["hf_step"] = (r["hf_e2e"] - r["hf_first"]) / (NEW - 1)
+    r["costs"] = count_costs(self.kind, self.ours.config, B)
+    line = (f"  batch {B:2d}: ours e2e {r['ours_e2e']:.3f} s (runs {min(o64):.3f}-{max(o64):.3f}), first "
+            f"{r['ours_first']:.3f} s, step {r['ours_step'] * 1e3:.1f} ms, compile {r['compile']:.1f} s")
+    if not ARGS.no_hf:
+      line += (f" | transformers e2e {r['hf_e2e']:.3f} s (runs {min(h64):.3f}-{max(h64):.3f}), first "
+               f"{r['hf_first']:.3f} s, step {r['hf_step'] * 1e3:.1f} ms | rows equal {r['rows_equal']}/{B}")
+    line += f" | load {r['load']:.1f}, busy probe {r['busy']:.1f}x"
+    say(line)
+    return r
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+def report(kind: str, results: list[dict], peaks: dict) -> None:
+  hf = not ARGS.no_hf
+  say(f"\n{kind}: throughput (tokens/s = batch x {NEW} / time), latency, agreement")
+  rows = []
+  for r in results:
+    B = r["B"]
+    row = [B, f"{B * NEW / r['ours_e2e']:.1f}", f"{B / r['ours_step']:.1f}", f"{r['ours_step'] * 1e3:.1f}",
+           f"{r['ours_first'] * 1e3:.0f}"]
+    if hf:
+      row += [f"{B * NEW / r['hf_e2e']:.1f}", f"{B / r['hf_step']:.1f}", f"{r['hf_step'] * 1e3:.1f}",
+              f"{r['hf_first'] * 1e3:.0f}", f"{r['hf_e2e'] / r['ours_e2e']:.2f}x", f"{r['hf_step'] / r['ours_step']:.2f}x",
+              f"{r['rows_equal']}/{B} ({r['token_agree'] * 100:.1f}%)"]
+    rows.append(row)
+  heads = ["batch", "ours tok/s e2e", "ours tok/s decode", "ours ms/step", "ours first ms"]
+  if hf:
+    heads += ["HF tok/s e2e", "HF tok/s decode", "HF ms/step", "HF first ms", "ratio e2e", "ratio step",
+              "rows equal (tokens)"]
+  say(table(heads, rows))
+  for r in results:
+    if hf and r["first_diff"]:
+      say(f"  batch {r['B']}: differing rows first differ at new-token positions {r['first_diff']} (greedy on "
+          "random weights: near-tied logits, float summation order)")
+
+  say(f"\n{kind}: per-step efficiency and roofline (bytes a step must read: weights + KV caches at actual length)")
+  rows = []
+  for r in results:
+    c = r["costs"]
+    bw, peak = peaks["xla_read_bw"], peaks["xla_peak"]
+    roof_bw, roof_fl = c["bytes"] / bw, c["flops"] / peak
+    roof = max(roof_bw, roof_fl)
+    roof_e2e = c["prefill_flops"] / peak + c["steps"] * roof
+    r["roof_step"], r["roof_e2e"] = roof, roof_e2e
+    row = [r["B"], f"{c['flops'] / 1e9:.2f}", f"{c['weight_bytes'] / 1e6:.0f}+{c['cache_bytes'] / 1e6:.0f}",
+           f"{roof_bw * 1e3:.1f}/{roof_fl * 1e3:.1f}", f"{c['flops'] / r['ours_step'] / peak * 100:.1f}%",
+           f"{c['bytes'] / r['ours_step'] / bw * 100:.0f}%"]
+    if hf:
+      row += [f"{c['flops'] / r['hf_step'] / peaks['torch_peak'] * 100:.1f}%",
+              f"{c['bytes'] / r['hf_step'] / peaks['torch_read_bw'] * 100:.0f}%",
+              f"{r['hf_step'] / roof:.1f}x", f"{r['hf_e2e'] / roof_e2e:.1f}x"]
+    rows.append(row)
+  heads = ["batch", "GFLOP/step", "MB/step w+kv", "roof ms bw/flop", "ours MFU", "ours MBU"]
+  if hf:
+    heads += ["HF MFU", "HF MBU", "best step ratio", "best e2e ratio"]
+  say(table(heads, rows))
+  say("  (MFU vs each side's own 2048^3 matmul peak; MBU vs each side's own read bandwidth; best ratios = "
+      "transformers' time / roofline time, the encoder or prefill at the XLA matmul peak)")
+
+
+def targets(all_results: dict) -> None:
+  if ARGS.no_hf:
+    return
+  say("\n" + "=" * 100)
+  say("TARGETS (issue): >= 5x transformers' tokens/s at batch 8 and 32; <= 1/3 of its per-token latency at batch 1")
+  rows = []
+  for kind, results in all_results.items():
+    for r in results:
+      e2e, step = r["hf_e2e"] / r["ours_e2e"], r["hf_step"] / r["ours_step"]
+      if r["B"] == 1:
+        goal = "latency <= 1/3"
+        verdict = (f"step latency {'reached' if step >= 3 else 'not reached'} ({1 / step:.2f} of HF); "
+                   f"e2e/64 {'reached' if e2e >= 3 else 'not reached'} ({1 / e2e:.2f})")
+      else:
+        goal = "5x tokens/s"
+        verdict = (f"e2e {'reached' if e2e >= 5 else 'not reached'} ({e2e:.1f}x, best possible "
+                   f"{r['hf_e2e'] / r['roof_e2e']:.1f}x); decode-only {'reached' if step >= 5 else 'not reached'} "
+                   f"({step:.1f}x, best possible {r['hf_step'] / r['roof_step']:.1f}x)")
+      rows.append([kind, r["B"], goal, verdict])
+  say(table(["model", "batch", "target", "result (e2e = whole generate call; step = one decoding step)"], rows, 4))
+  for kind, results in all_results.items():
+    for r in results:
+      if r["B"] > 1:
+        say(f"{kind} 5x at batch {r['B']}: {'reached' if r['hf_e2e'] / r['ours_e2e'] >= 5 else 'not reached'} "
+            f"({r['hf_e2e'] / r['ours_e2e']:.1f}x e2e, {r['hf_step'] / r['ours_step']:.1f}x per step)")
+      else:
+        say(f"{kind} 1/3 latency at batch 1: "
+            f"{'reached' if r['hf_step'] / r['ours_step'] >= 3 else 'not reached'} "
+            f"({r['ours_step'] * 1e3:.1f} vs {r['hf_step'] * 1e3:.1f} ms per step = "
+            f"{r['ours_step'] / r['hf_step']:.2f}; e2e/64: {r['ours_e2e'] / r['hf_e2e']:.2f})")
+
+
+# --------------------------------------------------------------------------------------------- profile
+
+def profile_t5(case: "Case", peaks: dict, B: int = 8) -> None:
+  """Where one T5 decoding step at batch B goes: pieces jitted alone, and the copies in decoder_step's HLO."""
+  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
+  from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads  # pylint: disable=import-outside-toplevel
+  from t5x_lite.nn.mlp import mlp  # pylint: disable=import-outside-toplevel
+  from t5x_lite.nn.norms import rms_norm  # pylint: disable=import-outside-toplevel
+
+  say(f"\n### profile: one t5 decoding step at batch {B} (self cache 64 slots, cross K/V {PROMPT} slots), "
+      "pieces jitted alone, median of 20 calls")
+  m, c = case.ours, case.ours.config
+  params = m.params
+  ids = jnp.asarray(np.random.default_rng(1).integers(3, c.vocab_size - 1, (B, PROMPT)), jnp.int32)
+  mask = jnp.ones((B, PROMPT), jnp.int32)
+  enc = jax.jit(lambda p, i, k: t5.encode(p, c, i, k))(params, ids, mask)
+  cross = jax.jit(lambda p, e: t5.cross_attention_kv(p, c, e))(params, enc)
+  cache = t5.init_decoder_cache(c, B, NEW)
+  tok = jnp.zeros((B,), jnp.int32)
+  idx = jnp.int32(NEW // 2)
+  L, D = c.num_decoder_layers, c.d_model
+
+  def per_call(fn, *args, n=20):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(n):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+  # The cache is donated, as inside the generate loop (else XLA copies all of it first): thread it through.
+  step = jax.jit(lambda p, tk, i, ca, cr, mk: t5.decoder_step(p, c, tk, i, ca, cr, mk), donate_argnums=(3,))
+
+  def time_step(p, n=20):
+    box = [t5.init_decoder_cache(c, B, NEW)]
+
+    def call():
+      logits, box[0] = step(p, tok, idx, box[0], cross, mask)
+      return logits
+
+    return per_call(call, n=n)
+
+  t_step = time_step(params)
+  narrow = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"][:, :128]}}
+  t_layers = time_step(narrow)
+  x = jax.random.normal(jax.random.key(0), (B, 1, D), jnp.float32)
+  head = jax.jit(lambda p, h: jnp.argmax(t5.lm_logits(p, c, h)[:, 0].astype(jnp.float32), axis=-1))
+  t_head = per_call(head, {"lm_head": params["lm_head"]}, x)
+  w_np = torch.from_numpy(np.array(params["lm_head"]["kernel"]))
+  x_np = torch.from_numpy(np.array(x[:, 0]))
+  with torch.inference_mode():
+    t_head_torch = statistics.median(timed(lambda: torch.argmax(x_np @ w_np, -1))[0] for _ in range(20))
+
+  # One layer's blocks with that layer's weights as plain arguments (no slicing of stacked params inside).
+  lp = jax.tree.map(lambda w: w[0], params["decoder"]["layers"])
+  eps = c.layer_norm_epsilon
+  k_self, v_self = cache["k"][0], cache["v"][0]
+  self_mask = (jnp.arange(NEW) <= idx)[None, None, None, :]
+  k_cross, v_cross = cross["k"][0], cross["v"][0]
+  cross_mask = mask[:, None, None, :].astype(bool)
+
+  def self_block(p, x, k, v):
+    h = rms_norm(x, p["attn_norm"]["scale"], eps=eps)
+    q = project_heads(h, p["attn"]["q"])
+    k = jax.lax.dynamic_update_slice(k, project_heads(h, p["attn"]["k"]), (0, idx, 0, 0))
+    v = jax.lax.dynamic_update_slice(v, project_heads(h, p["attn"]["v"]), (0, idx, 0, 0))
+    return x + merge_heads(dot_product_attention(q, k, v, mask=self_mask), p["attn"]["o"]), k, v
+
+  def cross_block(p, x, k, v):
+    h = rms_norm(x, p["cross_norm"]["scale"], eps=eps)
+    q = project_heads(h, p["cross_attn"]["q"])
+    return x + merge_heads(dot_product_attention(q, k, v, mask=cross_mask), p["cross_attn"]["o"])
+
+  def mlp_block(p, x):
+    h = rms_norm(x, p["mlp_norm"]["scale"], eps=eps)
+    return x + mlp(p["mlp"], h, activation=c.mlp_activation, gated=c.mlp_gated)
+
+  t_self = per_call(jax.jit(self_block), lp, x, k_self, v_self)
+  t_cross = per_call(jax.jit(cross_block), lp, x, k_cross, v_cross)
+  t_mlp = per_call(jax.jit(mlp_block), lp, x)
+  # Cross attention alone, the (B, S, N, H) cache layout the library keeps vs (B, N, S, H).
+  q = jax.random.normal(jax.random.key(1), (B, 1, c.num_heads, c.head_dim), jnp.float32)
+  attn_bsnh = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=cross_mask))
+  t_attn_bsnh = per_call(attn_bsnh, q, k_cross, v_cross)
+  kt, vt = jnp.swapaxes(k_cross, 1, 2), jnp.swapaxes(v_cross, 1, 2)
+
+  def attn_bnsh(q, k, v):
+    logits = jnp.einsum("BTNH,BNSH->BNTS", q, k)
+    logits = jnp.where(cross_mask, logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("BNTS,BNSH->BTNH", jax.nn.softmax(logits, axis=-1), v)
+
+  t_attn_bnsh = per_call(jax.jit(attn_bnsh), q, kt, vt)
+  # The per-step copy of every layer's weights that a traced layer index makes (scan body dynamic-slice).
+  dec_w = {k: v for k, v in params["decoder"]["layers"].items()}
+  slicer = jax.jit(lambda w: [jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False) * 1.5, w)
+                               for i in range(L)])
+  t_slice = per_call(slicer, dec_w)
+
+  # Variant (bench-local, not library code): layers unrolled over per-layer weight arrays (no slicing in a
+  # loop), caches kept (B, N, S, H) so attention needs no transpose. Same maths; checked against decoder_step.
+  layers_list = [jax.tree.map(lambda w, i=i: w[i], params["decoder"]["layers"]) for i in range(L)]
+  cross_t = {k: jnp.swapaxes(v, 2, 3) for k, v in cross.items()}  # (L, B, N, S, H)
+  cache_t = [{k: jnp.zeros((B, c.num_heads, NEW, c.head_dim), jnp.float32) for k in ("k", "v")} for _ in range(L)]
+  from t5x_lite.models.t5 import _relpos_bias  # pylint: disable=import-outside-toplevel,protected-access
+
+  def variant(layers, top, tok, index, caches, cross_t, enc_mask):
+    k_pos = jnp.arange(NEW)[None, :]
+    bias = _relpos_bias(c, top["relpos"], jnp.full((1, 1), index), k_pos, False)  # (1, N, 1, S)
+    smask = (k_pos <= index)[:, None, None, :]
+    cmask = enc_mask[:, None, None, :].astype(bool)
+    x = jnp.take(top["embedding"], tok[:, None], axis=0)
+    new = []
+    for i, p in enumerate(layers):
+      h = rms_norm(x, p["attn_norm"]["scale"], eps=eps)
+      q = project_heads(h, p["attn"]["q"])[:, 0]  # (B, N, H)
+      kk = jax.lax.dynamic_update_slice(caches[i]["k"], project_heads(h, p["attn"]["k"]).swapaxes(1, 2), (0, 0, index, 0))
+      vv = jax.lax.dynamic_update_slice(caches[i]["v"], project_heads(h, p["attn"]["v"]).swapaxes(1, 2), (0, 0, index, 0))
+      new.append({"k": kk, "v": vv})
+      s = jnp.einsum("BNH,BNSH->BNS", q, kk)[:, :, None] + bias
+      s = jnp.where(smask, s, jnp.finfo(jnp.float32).min)
+      a = jnp.einsum("BNS,BNSH->BNH", jax.nn.softmax(s, axis=-1)[:, :, 0], vv)
+      x = x + merge_heads(a[:, None], p["attn"]["o"])
+      h = rms_norm(x, p["cross_norm"]["scale"], eps=eps)
+      q = project_heads(h, p["cross_attn"]["q"])[:, 0]
+      s = jnp.einsum("BNH,BNSH->BNS", q, cross_t["k"][i])[:, :, None]
+      s = jnp.where(cmask, s, jnp.finfo(jnp.float32).min)
+      a = jnp.einsum("BNS,BNSH->BNH", jax.nn.softmax(s, axis=-1)[:, :, 0], cross_t["v"][i])
+      x = x + merge_heads(a[:, None], p["cross_attn"]["o"])
+      x = x + mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps=eps), activation=c.mlp_activation,
+                  gated=c.mlp_gated)
+    x = rms_norm(x, top["final_norm"], eps=eps)
+    return (x[:, 0] @ top["lm_head"]), new
+
+  top = {"embedding": params["embed"]["embedding"], "relpos": params["decoder"]["relpos"],
+         "final_norm": params["decoder"]["final_norm"]["scale"], "lm_head": params["lm_head"]["kernel"]}
+  cross_list = {k: [v[i] for i in range(L)] for k, v in cross_t.items()}
+  var = jax.jit(variant, donate_argnums=(4,))
+  # numerics: both write slot `idx` of a zero cache: compare the logits
+  ref_logits, _ = step(params, tok, idx, t5.init_decoder_cache(c, B, NEW), cross, mask)
+  var_logits, cache_t = var(layers_list, top, tok, idx, cache_t, cross_list, mask)
+  diff = float(jnp.max(jnp.abs(ref_logits - var_logits)))
+  ts = []  # the cache is donated: thread it through the calls
+  for _ in range(21):
+    t = time.perf_counter()
+    out, cache_t = var(layers_list, top, tok, idx, cache_t, cross_list, mask)
+    out.block_until_ready()
+    ts.append(time.perf_counter() - t)
+  t_var = statistics.median(ts[1:])
+
+  costs = count_costs("t5", c, B)
+  w_layers = costs["weight_bytes"] - 4 * D * c.vocab_size
+  rows = [
+      ["decoder_step, jitted alone (all 8 layers + head)", t_step, ""],
+      ["  same with a 128-wide head (~ the 8 layers)", t_layers, ""],
+      ["  t5.lm_logits (B,1,512)@(512,32128) + argmax, XLA", t_head,
+       f"{2 * B * D * c.vocab_size / t_head / GB:.1f} GFLOP/s, {4 * D * c.vocab_size / t_head / GB:.1f} GB/s"],
+      ["  lm_head the same in torch", t_head_torch, ""],
+      ["  self-attn block, 1 layer, weights as args", t_self, f"x{L} = {t_self * L * 1e3:.2f} ms"],
+      ["  cross-attn block, 1 layer", t_cross, f"x{L} = {t_cross * L * 1e3:.2f} ms"],
+      ["  MLP block, 1 layer", t_mlp, f"x{L} = {t_mlp * L * 1e3:.2f} ms"],
+      ["  cross attention core, cache (B,S,N,H) (library)", t_attn_bsnh, f"x{L} = {t_attn_bsnh * L * 1e3:.2f} ms"],
+      ["  cross attention core, cache (B,N,S,H)", t_attn_bnsh, f"x{L} = {t_attn_bnsh * L * 1e3:.2f} ms"],
+      ["  copying all 8 layers' weights once (dynamic-slice)", t_slice,
+       f"{w_layers / 1e6:.0f} MB: {2 * w_layers / t_slice / GB:.1f} GB/s r+w"],
+      ["variant: unrolled, per-layer weights, (B,N,S,H) caches", t_var, f"max |logit diff| {diff:.1e}"],
+  ]
+  say(table(["piece", "ms", "note"], [[a, f"{t * 1e3:.2f}", n] for a, t, n in rows]))
+  say(f"  sum of pieces: 8 x (self + cross + MLP) + head = {(L * (t_self + t_cross + t_mlp) + t_head) * 1e3:.2f} ms; "
+      f"roofline {max(costs['bytes'] / peaks['xla_read_bw'], costs['flops'] / peaks['xla_peak']) * 1e3:.2f} ms "
+      f"({costs['bytes'] / 1e6:.0f} MB at {peaks['xla_read_bw'] / GB:.1f} GB/s)")
+  # Fixed cost per XLA kernel: a chain of 256 dependent tiny matmuls (no real work) in one program.
+  ws = jax.random.normal(jax.random.key(2), (256, 64, 64), jnp.float32) * 0.1
+
+  def chain(x, ws):
+    for w in ws:
+      x = x @ w
+    return x
+
+  ws_list = list(ws)
+  t_chain = per_call(jax.jit(lambda x, ws: chain(x, ws)), jnp.ones((B, 64), jnp.float32), ws_list) / 256
+  say(f"  XLA fixed cost per kernel (256 dependent (8,64)@(64,64) matmuls in one program): {t_chain * 1e6:.1f} us")
+  hlo = step.lower(params, tok, idx, t5.init_decoder_cache(c, B, NEW), cross, mask).compile().as_text()
+  kernels = hlo_copies(hlo, L)
+  say(f"  kernels launched per step (HLO fusions/dots/copies, scan body x {L} + outside): {kernels} -> "
+      f"~{kernels * t_chain * 1e3:.1f} ms of fixed cost at the measured rate")
+
+
+def hlo_copies(txt: str, L: int) -> int:
+  """Bytes written per step by copy / transpose / dynamic-slice fusions in decoder_step's optimized HLO; returns
+  the number of kernels (fusions, dots, copies, ...) one step launches."""
+  import re  # pylint: disable=import-outside-toplevel
+  comps, name = {}, None
+  for line in txt.splitlines():
+    if line and not line.startswith(" ") and "{" in line and "(" in line:
+      name = line.split(" ", 1)[0].lstrip("%")
+      comps[name] = []
+    elif line.startswith("  ") and name:
+      comps[name].append(line)
+    elif line.startswith("}"):
+      name = None
+  entry_lines = []
+  in_entry = False
+  for line in txt.splitlines():
+    if line.startswith("ENTRY"):
+      in_entry = True
+      continue
+    if in_entry and line.startswith("}"):
+      break
+    if in_entry:
+      entry_lines.append(line)
+  bodies = set(re.findall(r"body=%([\w.\-]+)", "\n".join(entry_lines)))
+  sizes = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2}
+  tally = {}
+
+  def add(lines, times):
+    for line in lines:
+      m = re.match(r"\s+%([\w.\-]+) = (\w+)\[([\d,]*)\]\{[^}]*\} (fusion|copy|transpose)\(", line)
+      if not m:
+        continue
+      nm, dt, dims, _ = m.groups()
+      kind = next((k for k in ("dynamic-slice", "transpose", "copy") if k in nm), None)
+      if kind is None or dt not in sizes:
+        continue
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      if n * sizes[dt] < 4096:
+        continue
+      tally.setdefault(kind, [0, 0])
+      tally[kind][0] += times
+      tally[kind][1] += times * n * sizes[dt]
+
+  add(entry_lines, 1)
+  for b in bodies:
+    add(comps.get(b, []), L)
+  ops = r"\s+%[\w.\-]+ = .*? (fusion|dot|copy|transpose|custom-call|dynamic-update-slice|dynamic-slice|reduce|sort)\("
+  kernels = sum(1 for line in entry_lines if re.match(ops, line)) + \
+      L * sum(1 for b in bodies for line in comps.get(b, []) if re.match(ops, line))
+  say("  optimized HLO of t5.decoder_step: buffers >= 4 KiB written by non-dot fusions, per step:")
+  for kind, (count, nbytes) in sorted(tally.items()):
+    what = {"dynamic-slice": "per-layer weight slices out of the stacked (L, ...) params (scan body)",
+            "transpose": "layout changes, mostly K/V caches (B,S,N,H) -> (B,N,S,H) for the attention dots",
+            "copy": "other copies (weight relayouts such as o (N,H,D))"}[kind]
+    say(f"    {kind:13s} {count:4d} ops, {nbytes / 1e6:7.1f} MB written  ({what})")
+  return kernels
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main():
+  header()
+  peaks = measure_peaks()
+  all_results = {}
+  tmp = tempfile.mkdtemp(prefix="bench_decode_")
+  try:
+    for kind in ARGS.models:
+      case = Case(kind, tmp)
+      all_results[kind] = [case.run(B) for B in ARGS.batches]
+      report(kind, all_results[kind], peaks)
+      if ARGS.profile and kind == "t5":
+        profile_t5(case, peaks)
+      del case
+      shutil.rmtree(os.path.join(tmp, kind), ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  targets(all_results)
+  load = os.getloadavg()
+  say(f"\nload average {load[0]:.2f} / {load[1]:.2f} (1 / 5 min) at the end")
+
+
+if __name__ == "__main__":
+  main()

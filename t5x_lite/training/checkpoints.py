@@ -1,0 +1,107 @@
+"""Run checkpoints with orbax: async saves every N steps, keep the last K, restore the latest.
+
+A step directory holds `params`, `opt_state`, `data` (the input iterator's state, JSON) and `config` (the
+model config, JSON), so a workdir is self-describing: `t5x_lite.load(workdir)` reads the params and config of
+its latest checkpoint without knowing the optimizer. Orbax writes into a temporary directory and renames it when complete, so a process killed
+at any moment (kill -9 included) leaves the previous checkpoint loadable; `latest_step` only sees finished ones.
+"""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("params", "opt_state", "data", "config")
+
+
+class RunCheckpoints:
+  """Checkpoints of one training run under WORKDIR/checkpoints/<step>/."""
+
+  def __init__(self, workdir: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.save_every = save_every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, config_json: str, *, force: bool = False) -> bool:
+    """Saves (in the background) when `step` is a multiple of save_every, or when forced."""
+    if not force and step % self.save_every:
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+        data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+
+  def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
+    """(state, data iterator state) at `step`; `abstract_state` gives shapes, dtypes and shardings."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state["params"]),
+        opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]), data=ocp.args.JsonRestore()))
+    state = {"step": step, "params": restored["params"], "opt_state": restored["opt_state"]}
+    return state, restored["data"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+  """WORKDIR/checkpoints/<latest step> (finished checkpoints only), or None."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_names=ITEMS)
+  step = manager.latest_step()
+  manager.close()
+  return None if step is None else os.path.join(directory, str(step))
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs with shardings, for restoring into the same placement as `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                      tree)
+
+
+def load_run_params(workdir: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
+  """(config, params, step) from the latest checkpoint of a train.py workdir, placed on `mesh` if given."""
+  # Imported here: convert/ knows nothing of training, and this is the one bridge between them.
+  from t5x_lite import sharding  # pylint: disable=import-outside-toplevel
+  from t5x_lite.convert.checkpoint import config_from_json  # pylint: disable=import-outside-toplevel
+  from t5x_lite.convert.families import family_of_config  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models.params import abstract_params, axes_tree  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{workdir}: no finished checkpoint under {CHECKPOINT_DIR}/")
+    config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    config = config_from_json(json.dumps(config_json), os.path.join(directory, str(step), "config"))
+    stored_dtype = config.param_dtype
+    specs = family_of_config(config).model.param_specs(config)
+    abstract = abstract_params(specs, jnp.dtype(stored_dtype))
+    if mesh is not None:
+      shardings = sharding.tree_shardings(mesh, axes_tree(specs), abstract)
+    else:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+  finally:
+    manager.close()
+  if param_dtype and param_dtype != stored_dtype:
+    params = jax.tree.map(lambda x: x.astype(param_dtype), params)
+  config = config.replace(param_dtype=param_dtype or stored_dtype, dtype=compute_dtype or config.dtype)
+  return config, params, step

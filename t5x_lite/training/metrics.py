@@ -1,0 +1,57 @@
+"""Run metrics: one JSON object per logging step in WORKDIR/metrics.jsonl, TensorBoard event files, and the
+FLOP/s measures (tokens/s, MFU against a matmul peak measured on this machine at start-up)."""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of an n x n matmul in the dtype this backend trains fastest in (float32 on CPU, bf16 elsewhere)."""
+  dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best * jax.device_count()
+
+
+def train_flops_per_token(num_matmul_params: int) -> float:
+  """6 N: forward (2 N) plus backward (4 N) matmul FLOPs per token; attention scores are left out, so MFU is
+  slightly under-stated for long sequences."""
+  return 6.0 * num_matmul_params
+
+
+class MetricsWriter:
+  """Appends metrics to metrics.jsonl (flushed per line) and TensorBoard (only on process 0)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "train"):
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in metrics.items():
+      self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()

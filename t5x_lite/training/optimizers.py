@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules, configurable from gin. Built on optax."""
+
+import gin
+import jax.numpy as jnp
+import optax
+
+
+@gin.configurable
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000):
+  """T5's default: base / sqrt(max(step, warmup)) (constant base/sqrt(warmup) during warmup)."""
+  def schedule(step):
+    return base_learning_rate / jnp.sqrt(jnp.maximum(step, warmup_steps).astype(jnp.float32))
+  return schedule
+
+
+@gin.configurable
+def cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000, total_steps: int = 100_000,
+                    final_fraction: float = 0.1):
+  """Linear warmup to the peak, cosine decay to `final_fraction` of it at `total_steps`."""
+  return optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
+                                            peak_learning_rate * final_fraction)
+
+
+@gin.configurable
+def adafactor(schedule, *, decay_rate: float = 0.8, clipping_threshold: float | None = 1.0,
+              multiply_by_parameter_scale: bool = True, factored: bool = True, momentum: float | None = None,
+              weight_decay_rate: float | None = None):
+  """Adafactor with T5X's defaults: factored second moments, decay 0.8, update clipping at 1.0, updates scaled
+  by the parameter RMS, no momentum."""
+  return optax.adafactor(learning_rate=schedule, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
+                         multiply_by_parameter_scale=multiply_by_parameter_scale, factored=factored,
+                         momentum=momentum, weight_decay_rate=weight_decay_rate)
+
+
+@gin.configurable
+def adamw(schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+          max_grad_norm: float | None = 1.0):
+  """AdamW with optional global-norm clipping (HF Trainer's defaults)."""
+  opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return opt if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
+
+
+@gin.configurable
+def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt"):
+  """(optax optimizer, schedule fn) by name: adafactor | adamw, rsqrt | cosine."""
+  schedules = {"rsqrt": rsqrt_schedule, "cosine": cosine_schedule}
+  optimizers = {"adafactor": adafactor, "adamw": adamw}
+  if name not in optimizers or schedule not in schedules:
+    raise ValueError(f"optimizer must be one of {list(optimizers)} and schedule one of {list(schedules)}, "
+                     f"got {name!r}, {schedule!r}")
+  sched = schedules[schedule]()
+  return optimizers[name](sched), sched
