@@ -5,6 +5,7 @@ memory-mapped file, rearranged into its slot of the stacked leaf, and each finis
 device (sharded when a mesh is given) before the next one is built.
 """
 
+import gc
 import json
 import os
 
@@ -103,7 +104,7 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
              unit="tensor", disable=not progress)
   for path, names in by_leaf.items():
     spec = flat_specs[path]
-    host = np.empty(spec.shape, dtype)
+    host = _aligned_empty(spec.shape, dtype)
     for name in names:
       rule, layer, _, per_layer = expected[name]
       value = to_ours(rule.transform, reader.get(name), per_layer)
@@ -113,10 +114,22 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
         host[layer] = value
       bar.update(1)
     target = None if mesh is None else sharding.named_sharding(mesh, spec.axes, spec.shape)
-    leaves[path] = jax.device_put(host, target) if target is not None else jnp.asarray(host)
+    # On CPU, device_put of an aligned buffer adopts it without a copy: the host array becomes the leaf.
+    leaves[path] = jax.device_put(host, target)
     del host
+    if mesh is not None and leaves[path].nbytes > 64 * 1024 ** 2:
+      gc.collect()  # the host buffer is only released by the cycle collector; do not let big ones pile up
   bar.close()
   return _unflatten(leaves)
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+  """np.empty with 64-byte alignment, which XLA:CPU needs to use the buffer in place."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  offset = (-raw.ctypes.data) % 64
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
@@ -129,32 +142,51 @@ def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
   return tree
 
 
-def hf_tensors(params: dict, config, dtype=None):
-  """Yields (HF name, numpy array) one at a time, in layout order."""
+def _rules_and_leaves(params: dict, config):
   family = family_of_config(config)
-  config = family.export_config(config)
-  dtype = jnp.dtype(dtype or config.param_dtype)
-  for rule in family.layout(config):
+  for rule in family.layout(family.export_config(config)):
     leaf = params
     for key in rule.ours:
       leaf = leaf[key]
-    host = np.asarray(jax.device_get(leaf)).astype(dtype)
+    yield rule, leaf
+
+
+def hf_tensor_entries(params: dict, config, dtype=None) -> list[tuple[str, tuple, np.dtype]]:
+  """(HF name, shape, dtype) of every tensor an export writes, in layout order, without touching data."""
+  dtype = jnp.dtype(dtype or config.param_dtype)
+  out = []
+  for rule, leaf in _rules_and_leaves(params, config):
+    if rule.stacked:
+      out += [(rule.hf.format(i=i), hf_shape(rule.transform, leaf.shape[1:]), dtype) for i in range(leaf.shape[0])]
+    else:
+      out.append((rule.hf, hf_shape(rule.transform, leaf.shape), dtype))
+  return out
+
+
+def hf_tensors(params: dict, config, dtype=None):
+  """Yields the HF tensors (numpy) one at a time, in the order of `hf_tensor_entries`."""
+  dtype = jnp.dtype(dtype or config.param_dtype)
+  for rule, leaf in _rules_and_leaves(params, config):
+    host = np.asarray(jax.device_get(leaf)).astype(dtype, copy=False)
     if rule.stacked:
       for i in range(host.shape[0]):
-        yield rule.hf.format(i=i), to_hf(rule.transform, host[i])
+        yield to_hf(rule.transform, host[i])
     else:
-      yield rule.hf, to_hf(rule.transform, host)
+      yield to_hf(rule.transform, host)
+    del host
 
 
 def save_hf(params: dict, config, out_dir: str, *, dtype=None, max_shard_bytes: int = 2 * 1024 ** 3,
             extra_files: dict[str, str | bytes] | None = None) -> None:
-  """Writes `config.json` + `model.safetensors` (or shards + index) that transformers loads."""
+  """Writes `config.json` + `model.safetensors` (or shards + index) that transformers loads, streaming one
+  tensor at a time."""
   family = family_of_config(config)
   hf_config = family.config_to_hf(family.export_config(config))
   if dtype is not None:
     hf_config["dtype"] = str(jnp.dtype(dtype))
   files = {"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}
-  write_checkpoint(hf_tensors(params, config, dtype), out_dir, max_shard_bytes=max_shard_bytes, extra_files=files)
+  write_checkpoint(hf_tensor_entries(params, config, dtype), hf_tensors(params, config, dtype), out_dir,
+                   max_shard_bytes=max_shard_bytes, extra_files=files)
 
 
 # Files that travel with the weights so that the tokenizer (and generation defaults) load from either format.

@@ -7,12 +7,12 @@ for; every failure is re-raised as `ConversionError` naming the file (and tensor
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from t5x_lite.errors import ConversionError
 
@@ -74,50 +74,66 @@ class CheckpointReader:
       raise ConversionError(f"{path}: cannot read tensor {name!r} (truncated or corrupt file?): {e}") from None
 
 
-def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str, *,
-                     max_shard_bytes: int = 2 * 1024 ** 3, extra_files: dict[str, str | bytes] | None = None) -> None:
-  """Writes tensors as `model.safetensors` (or shards plus an index when over `max_shard_bytes`).
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64",
+              "int8": "I8", "uint8": "U8", "bool": "BOOL", "float64": "F64"}
 
-  Tensors arrive one at a time; at most one shard is held in memory. Everything is written into a
-  temporary directory beside `out_dir` and moved into place at the end, so a failure leaves no half-written
+
+def _write_safetensors(path: str, entries: list[tuple[str, tuple, np.dtype]], arrays: Iterator[np.ndarray]):
+  """Writes one safetensors file, tensor by tensor as `arrays` yields them (in `entries` order).
+
+  Written here rather than with `safetensors.numpy.save_file`, which needs every tensor of the file in memory
+  at once (a second copy of the model for a single-file export); the format is a little-endian u64 header
+  length, a JSON header of dtypes, shapes and byte offsets, then the raw bytes.
+  """
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, shape, dtype in entries:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _ST_DTYPES[np.dtype(dtype).name], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(head)))
+    f.write(head)
+    for name, shape, dtype in entries:
+      array = next(arrays)
+      if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise ValueError(f"{name}: got {array.dtype}{array.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
+      f.write(np.ascontiguousarray(array).data)
+
+
+def write_checkpoint(entries: list[tuple[str, tuple, np.dtype]], arrays: Iterable[np.ndarray], out_dir: str, *,
+                     max_shard_bytes: int = 2 * 1024 ** 3, extra_files: dict[str, str | bytes] | None = None) -> None:
+  """Writes `model.safetensors` (or shards plus an index when over `max_shard_bytes`).
+
+  `entries` lists (name, shape, dtype) up front and `arrays` yields the tensors in that order, one at a time,
+  each written as it arrives: no more than one tensor is held here. Everything goes into a temporary
+  directory beside `out_dir` and is moved into place at the end, so a failure leaves no half-written
   checkpoint. `extra_files` maps file names to contents, str or bytes (config.json, tokenizer files).
   """
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
   try:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_files: list[str] = []
-    size = 0
-    total = 0
-
-    def flush():
-      nonlocal size
-      name = f"shard-{len(shard_files):05d}.safetensors"
-      save_file(shards[-1], os.path.join(tmp, name), metadata={"format": "pt"})
-      shard_files.append(name)
-      shards[-1] = {}
-      size = 0
-
-    weight_map = {}
-    for name, array in tensors:
-      nbytes = array.nbytes
+    shards: list[list] = [[]]
+    size = total = 0
+    for entry in entries:
+      nbytes = int(np.prod(entry[1], dtype=np.int64)) * np.dtype(entry[2]).itemsize
       if shards[-1] and size + nbytes > max_shard_bytes:
-        flush()
-      shards[-1][name] = array
-      weight_map[name] = len(shard_files)
+        shards.append([])
+        size = 0
+      shards[-1].append(entry)
       size += nbytes
       total += nbytes
-    flush()
-    if len(shard_files) == 1:
-      os.rename(os.path.join(tmp, shard_files[0]), os.path.join(tmp, SINGLE_FILE))
-    else:
-      n = len(shard_files)
-      final_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-      for old, new in zip(shard_files, final_names):
-        os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    arrays = iter(arrays)
+    for fname, shard in zip(names, shards):
+      _write_safetensors(os.path.join(tmp, fname), shard, arrays)
+    if n > 1:
       index = {"metadata": {"total_size": total},
-               "weight_map": {name: final_names[k] for name, k in sorted(weight_map.items())}}
+               "weight_map": {e[0]: fname for fname, shard in zip(names, shards) for e in sorted(shard)}}
       with open(os.path.join(tmp, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
     for fname, content in (extra_files or {}).items():
