@@ -18,10 +18,10 @@ from t5x_lite.training.step import loss_sums, make_train_step
 def _t5_batch(rng, B=4, S=10, T=6, vocab=128):
   enc = rng.integers(3, vocab, (B, S))
   targets = rng.integers(3, vocab, (B, T))
-  return {"encoder_input_tokens": enc, "encoder_segment_ids": np.ones((B, S), np.int32),
+  return {"input_ids": enc, "encoder_segment_ids": np.ones((B, S), np.int32),
           "encoder_positions": np.tile(np.arange(S), (B, 1)),
-          "decoder_input_tokens": np.concatenate([np.zeros((B, 1), int), targets[:, :-1]], axis=1),
-          "decoder_target_tokens": targets, "decoder_segment_ids": np.ones((B, T), np.int32),
+          "decoder_input_ids": np.concatenate([np.zeros((B, 1), int), targets[:, :-1]], axis=1),
+          "decoder_target_ids": targets, "decoder_segment_ids": np.ones((B, T), np.int32),
           "decoder_positions": np.tile(np.arange(T), (B, 1)), "decoder_loss_weights": np.ones((B, T), np.float32)}
 
 
@@ -30,8 +30,7 @@ def test_loss_equals_transformers(tmp_path):
   model = t5x_lite.load(str(tmp_path), progress=False)
   batch = _t5_batch(np.random.default_rng(0))
   with torch.no_grad():
-    ref = hf(input_ids=torch.tensor(batch["encoder_input_tokens"]),
-             labels=torch.tensor(batch["decoder_target_tokens"])).loss.item()
+    ref = hf(input_ids=torch.tensor(batch["input_ids"]), labels=torch.tensor(batch["decoder_target_ids"])).loss.item()
   out = loss_sums(model.params, model.config, jax.tree.map(jnp.asarray, batch), None, label_smoothing=0.0,
                   z_loss=0.0)
   assert float(out["loss"] / out["weight_sum"]) == pytest.approx(ref, rel=1e-5)

@@ -1,11 +1,11 @@
 """The train step: loss over a packed batch, gradient accumulation, optimizer update, metrics.
 
-Batch features (numpy or jax arrays, leading axis = examples), T5X's names:
-  encoder-decoder: encoder_input_tokens, encoder_segment_ids, encoder_positions (B, S);
-                   decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decoder_positions,
+Batch features (numpy or jax arrays, leading axis = examples), as `t5x_lite.data.packing` makes them:
+  encoder-decoder: input_ids, encoder_segment_ids, encoder_positions (B, S);
+                   decoder_input_ids, decoder_target_ids, decoder_segment_ids, decoder_positions,
                    decoder_loss_weights (B, T)
-  decoder-only:    decoder_input_tokens, decoder_target_tokens, decoder_segment_ids, decoder_positions,
-                   decoder_loss_weights (B, T)
+  decoder-only:    input_ids, target_ids, segment_ids, positions, loss_weights (B, L) (a `prefix_mask` may be
+                   present; attention stays causal over the prefix, as Gemma's is)
 Segment id 0 marks padding. Params stay in `config.param_dtype` (float32 master weights) while the forward
 pass computes in `config.dtype`.
 """
@@ -22,19 +22,20 @@ from t5x_lite.training.losses import cross_entropy
 
 def logits_for_batch(params: dict, config, batch: dict, rng: jax.Array | None) -> jax.Array:
   if config.family == "t5":
-    return t5.forward(params, config, batch["encoder_input_tokens"], None, batch["decoder_input_tokens"], None,
+    return t5.forward(params, config, batch["input_ids"], None, batch["decoder_input_ids"], None,
                       rng=rng, encoder_segment_ids_BS=batch["encoder_segment_ids"],
                       encoder_positions_BS=batch["encoder_positions"],
                       decoder_segment_ids_BT=batch["decoder_segment_ids"],
                       decoder_positions_BT=batch["decoder_positions"])
-  return gemma.forward(params, config, batch["decoder_input_tokens"], None, rng=rng,
-                       positions_BT=batch["decoder_positions"], segment_ids_BT=batch["decoder_segment_ids"])
+  return gemma.forward(params, config, batch["input_ids"], None, rng=rng, positions_BT=batch["positions"],
+                       segment_ids_BT=batch["segment_ids"])
 
 
 def loss_sums(params: dict, config, batch: dict, rng, *, label_smoothing: float, z_loss: float) -> dict:
   logits = logits_for_batch(params, config, batch, rng)
-  return cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                       label_smoothing=label_smoothing, z_loss=z_loss)
+  targets, weights = ((batch["decoder_target_ids"], batch["decoder_loss_weights"]) if config.family == "t5"
+                      else (batch["target_ids"], batch["loss_weights"]))
+  return cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation, schedule, *, label_smoothing: float = 0.0,

@@ -1,0 +1,187 @@
+"""The training loop: init or resume, step, log, evaluate, checkpoint, survive preemption.
+
+Everything a run needs comes in as explicit, gin-bindable arguments of `train`; the program's structure is
+this file. Resume exactness: a checkpoint at step s holds the params after s updates and the data iterator
+after s batches, and dropout keys derive from (seed, step), so a run killed and restarted (any number of
+times) follows the uninterrupted run's trajectory exactly.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from t5x_lite import sharding
+from t5x_lite.convert.checkpoint import config_to_json
+from t5x_lite.convert.families import family_of_config
+from t5x_lite.data.pipeline import DataConfig, make_batches
+from t5x_lite.models.params import axes_tree, count_params, init_params
+from t5x_lite.training import optimizers
+from t5x_lite.training.checkpoints import RunCheckpoints, abstract_like
+from t5x_lite.training.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
+from t5x_lite.training.step import make_eval_step, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss became NaN or inf; the run stopped without saving the bad state."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      self.requested = True
+    self._previous = signal.signal(signal.SIGTERM, handler)
+    return self
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local: dict, mesh) -> dict:
+  """This host's rows -> global arrays sharded over the batch axes of `mesh`."""
+  out = {}
+  for k, v in local.items():
+    spec = sharding.logical_to_spec(("act_batch",) + (None,) * (v.ndim - 1),
+                                    (v.shape[0] * jax.process_count(),) + v.shape[1:], dict(mesh.shape))
+    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
+  return out
+
+
+@gin.configurable(denylist=["workdir", "documents", "eval_documents", "tokenizer"])
+def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, tokenizer=None,
+          documents=None, eval_documents=None, train_steps: int = gin.REQUIRED, save_every: int = 100,
+          keep_checkpoints: int = 3, log_every: int = 10, eval_every: int = 0, eval_steps: int = 4,
+          seed: int = 0, mesh_spec: str = "", optimizer: str = "adafactor", schedule: str = "rsqrt",
+          label_smoothing: float = 0.0, z_loss: float = 1e-4, accumulation_steps: int = 1,
+          init_params_from: str | None = None, async_checkpoints: bool = True, progress: bool = True) -> dict:
+  """Trains `model` (a T5Config / GemmaConfig) on `data` until `train_steps`, resuming from WORKDIR.
+
+  `tokenizer` and `documents` come from the caller (train.py builds them: a corpus file, or the demo's
+  standard-library docstrings). `init_params_from` fine-tunes from an HF or t5x_lite checkpoint.
+  Returns the last logged metrics.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  config = model
+  mesh = sharding.make_mesh(mesh_spec or f"data:{jax.device_count()}")
+  family = family_of_config(config)
+  specs = family.model.param_specs(config)
+  param_shardings = sharding.tree_shardings(mesh, axes_tree(specs), specs)
+  opt, sched = optimizers.make_optimizer(optimizer, schedule)
+  train_step = jax.jit(make_train_step(config, opt, sched, label_smoothing=label_smoothing, z_loss=z_loss,
+                                       accumulation_steps=accumulation_steps), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(config))
+
+  def fresh_state():
+    if init_params_from:
+      from t5x_lite.model import load  # pylint: disable=import-outside-toplevel
+      params = load(init_params_from, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh,
+                    progress=progress).params
+    else:
+      init = jax.jit(lambda key: init_params(specs, key, jnp.dtype(config.param_dtype)),
+                     out_shardings=param_shardings)
+      params = init(jax.random.key(seed))
+    return jax.jit(lambda p: {"step": jnp.int32(0), "params": p, "opt_state": opt.init(p)})(params)
+
+  checkpoints = RunCheckpoints(workdir, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpoints)
+  config_json = config_to_json(config)
+  batches = make_batches(data, tokenizer, documents=documents)
+  with jax.set_mesh(mesh):
+    state = fresh_state()
+    start = checkpoints.latest_step()
+    if start is not None:
+      abstract = abstract_like({"params": state["params"], "opt_state": state["opt_state"]})
+      restored, data_state = checkpoints.restore(start, abstract)
+      state = {"step": jnp.int32(start), "params": restored["params"], "opt_state": restored["opt_state"]}
+      batches.set_state(data_state)
+    start = start or 0
+  with open(os.path.join(workdir, "config.gin"), "w") as f:  # the fully resolved configuration, as T5X does
+    f.write(gin.config_str())
+  with open(os.path.join(workdir, "model_config.json"), "w") as f:
+    f.write(config_json + "\n")
+
+  writer = MetricsWriter(workdir)
+  peak = measure_matmul_peak()
+  flops_per_token = train_flops_per_token(count_params(specs))
+  last = {}
+  bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress or jax.process_index())
+  window_tokens, window_start = 0.0, time.perf_counter()
+  nonfinite = jnp.bool_(False)  # sticky on device; read only at log and save steps (no per-step host sync)
+  try:
+    with _Preemption() as preemption, jax.set_mesh(mesh):
+      for step in range(start + 1, train_steps + 1):
+        local = next(batches)
+        window_tokens += float(np.sum(batch_weights(local))) * jax.process_count()
+        key = jax.random.fold_in(jax.random.key(seed), step) if config.dropout_rate else None
+        state, metrics = train_step(state, _global_batch(local, mesh), key)
+        nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
+        is_log = step % log_every == 0 or step == train_steps
+        is_save = step % save_every == 0 or step == train_steps or preemption.requested
+        if is_log or is_save:
+          if bool(nonfinite):
+            raise NonFiniteLoss(f"loss became NaN/inf at or before step {step}; stopped without saving "
+                                f"(last good checkpoint: step {checkpoints.latest_step()})")
+        if is_log:
+          elapsed = time.perf_counter() - window_start
+          tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+          last = {k: float(v) for k, v in metrics.items()}
+          last.update(tokens_per_sec=tokens_per_sec, mfu=tokens_per_sec * flops_per_token / peak)
+          writer.write(step, last)
+          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_sec:.0f}")
+          window_tokens, window_start = 0.0, time.perf_counter()
+        if eval_every and eval_documents and step % eval_every == 0:
+          writer.write(step, evaluate(eval_step, state["params"], data, tokenizer, eval_documents, eval_steps, mesh),
+                       prefix="eval")
+        if is_save:
+          checkpoints.save(step, state, batches.get_state(), config_json, force=True)
+        bar.update(1)
+        if preemption.requested:
+          print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
+          break
+  finally:
+    bar.close()
+    checkpoints.close()
+    writer.close()
+    if hasattr(batches, "close"):
+      batches.close()
+  return last
+
+
+def batch_weights(batch: dict):
+  return batch["decoder_loss_weights"] if "decoder_loss_weights" in batch else batch["loss_weights"]
+
+
+def evaluate(eval_step, params, data: DataConfig, tokenizer, documents, steps: int, mesh) -> dict:
+  """Mean loss and token accuracy over `steps` batches of the held-out documents (same packing)."""
+  config = dataclasses.replace(data, seed=data.seed + 1, num_epochs=None)
+  it = make_batches(config, tokenizer, documents=documents)
+  totals = {"loss": 0.0, "correct": 0.0, "weight_sum": 0.0}
+  for _ in range(steps):
+    out = eval_step(params, _global_batch(next(it), mesh))
+    for k in totals:
+      totals[k] += float(out[k])
+  if hasattr(it, "close"):
+    it.close()
+  denom = max(totals["weight_sum"], 1.0)
+  return {"loss": totals["loss"] / denom, "accuracy": totals["correct"] / denom,
+          "perplexity": math.exp(min(totals["loss"] / denom, 50.0))}
+
+
+def write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)

@@ -1,0 +1,102 @@
+"""A whole run as train.py starts it: corpus and tokenizer, training, then generation from the checkpoint."""
+
+import io
+import json
+import math
+import os
+import sys
+from collections import Counter
+
+import gin
+import jax
+import numpy as np
+import sentencepiece as spm
+
+from t5x_lite.data import pipeline, sources
+from t5x_lite.data.stdlib_corpus import split_train_eval, stdlib_docstrings
+from t5x_lite.tokenizer import load_tokenizer
+from t5x_lite.training.loop import train
+
+# The data config is a plain dataclass of the data package (which knows nothing of gin); bind it here.
+gin.external_configurable(pipeline.DataConfig, "DataConfig")
+
+def _train_sentencepiece(texts: list[str], path: str, vocab_size: int, seed: int) -> None:
+  """A T5-layout unigram model (<pad>=0, </s>=1, <unk>=2, no BOS) trained on `texts`."""
+  rng = np.random.default_rng(seed)
+  sample = [texts[i] for i in rng.permutation(len(texts))[:20_000]]
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
+                                 model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+                                 character_coverage=0.9995, minloglevel=2)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)
+
+
+def unigram_entropy(tokenizer, texts: list[str]) -> float:
+  """Entropy in nats of the corpus' token frequencies (what a model ignoring context would score)."""
+  counts = Counter()
+  for t in texts:
+    counts.update(tokenizer.encode(t))
+  total = sum(counts.values())
+  return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+@gin.configurable(denylist=["workdir"])
+def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), tokenizer_dir: str | None = None,
+        spm_vocab_size: int = 2000, max_documents: int | None = None, sample_prompts: tuple[str, ...] = (),
+        sample_max_new_tokens: int = 24, seed: int = 0) -> dict:
+  """corpus "stdlib": the installed standard library's docstrings with a sentencepiece model trained on them
+  (kept in WORKDIR so a resumed run reuses it); "files": `files` (text/JSONL) with the tokenizer in
+  `tokenizer_dir`. After training, the latest checkpoint is loaded and greedy-decodes `sample_prompts`."""
+  os.makedirs(workdir, exist_ok=True)
+  if corpus == "stdlib":
+    train_docs, eval_docs = split_train_eval(stdlib_docstrings(max_documents))
+    spm_path = os.path.join(workdir, "spiece.model")
+    if not os.path.exists(spm_path) and jax.process_index() == 0:
+      _train_sentencepiece(train_docs, spm_path, spm_vocab_size, seed)
+    tokenizer = load_tokenizer(workdir, "t5")
+  elif corpus == "files":
+    docs = sources.read_documents(files)
+    train_docs, eval_docs = split_train_eval(docs) if docs and isinstance(docs[0], str) else (docs, [])
+    tokenizer = load_tokenizer(tokenizer_dir, "t5") if tokenizer_dir else None
+    if tokenizer is None:
+      raise ValueError(f"corpus 'files' needs tokenizer_dir with a spiece.model (got {tokenizer_dir!r})")
+  else:
+    raise ValueError(f"corpus must be 'stdlib' or 'files', got {corpus!r}")
+
+  stats_path = os.path.join(workdir, "corpus_stats.json")
+  if corpus == "stdlib" and not os.path.exists(stats_path) and jax.process_index() == 0:
+    stats = {"train_documents": len(train_docs), "eval_documents": len(eval_docs),
+             "unigram_entropy_nats": unigram_entropy(tokenizer, train_docs), "vocab_size": tokenizer.vocab_size}
+    with open(stats_path, "w") as f:
+      json.dump(stats, f, indent=2)
+  metrics = train(workdir, tokenizer=tokenizer, documents=train_docs, eval_documents=eval_docs)
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
+            f"final train loss {metrics.get('loss', float('nan')):.3f}", file=sys.stderr)
+  if sample_prompts and jax.process_index() == 0:
+    samples = generate_samples(workdir, sample_prompts, sample_max_new_tokens)
+    for s in samples:
+      print(f"  {s['prompt']!r} -> {s['output']!r}")
+  return metrics
+
+
+def generate_samples(workdir: str, prompts, max_new_tokens: int) -> list[dict]:
+  """Greedy continuations from the run's latest checkpoint, also written to WORKDIR/samples.jsonl."""
+  from t5x_lite.model import load  # pylint: disable=import-outside-toplevel
+  model = load(workdir, progress=False)
+  ids = [model.tokenizer.encode(p) for p in prompts]
+  width = max(map(len, ids))
+  batch = np.zeros((len(ids), width), np.int32)
+  mask = np.zeros_like(batch)
+  for i, row in enumerate(ids):
+    batch[i, :len(row)], mask[i, :len(row)] = row, 1
+  out = model.generate(batch, mask, max_new_tokens=max_new_tokens)
+  samples = [{"prompt": p, "output": model.tokenizer.decode(row.tolist(), skip_special_tokens=False)
+              .replace("<pad>", "").strip()} for p, row in zip(prompts, out)]
+  with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
+    f.writelines(json.dumps(s) + "\n" for s in samples)
+  return samples
