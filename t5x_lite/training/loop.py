@@ -25,10 +25,10 @@ from t5x_lite import sharding
 from t5x_lite.convert.checkpoint import config_to_json
 from t5x_lite.convert.families import family_of_config
 from t5x_lite.data.pipeline import DataConfig, make_batches
-from t5x_lite.models.params import axes_tree, count_params, init_params
+from t5x_lite.models.params import axes_tree, init_params
 from t5x_lite.training import optimizers
 from t5x_lite.training.checkpoints import RunCheckpoints, abstract_like
-from t5x_lite.training.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
+from t5x_lite.training.metrics import MetricsWriter, measure_matmul_peak
 from t5x_lite.training.step import make_eval_step, make_train_step
 
 
@@ -74,7 +74,7 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
 
   `tokenizer` and `documents` come from the caller (train.py builds them: a corpus file, or the demo's
   standard-library docstrings). `init_params_from` fine-tunes from an HF or t5x_lite checkpoint.
-  Returns the last logged metrics.
+  Returns the last logged metrics, with "preempted": True when SIGTERM ended the run early (after saving).
   """
   os.makedirs(workdir, exist_ok=True)
   config = model
@@ -117,22 +117,28 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
 
   writer = MetricsWriter(workdir)
   peak = measure_matmul_peak()
-  flops_per_token = train_flops_per_token(count_params(specs))
+  flops_of_batch = batch_flops_fn(config, specs)
   last = {}
   bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress or jax.process_index())
-  window_tokens, window_start = 0.0, time.perf_counter()
+  window_tokens = window_flops = 0.0
+  window_start = time.perf_counter()
+  checksum = 0
+  preempted = False
   nonfinite = jnp.bool_(False)  # sticky on device; read only at log and save steps (no per-step host sync)
   try:
     with _Preemption() as preemption, jax.set_mesh(mesh):
       for step in range(start + 1, train_steps + 1):
         local = next(batches)
         window_tokens += float(np.sum(batch_weights(local))) * jax.process_count()
+        window_flops += flops_of_batch(local) * jax.process_count()
+        checksum = (checksum * 31 + data_checksum(local)) % (1 << 31)
         key = jax.random.fold_in(jax.random.key(seed), step) if config.dropout_rate else None
         state, metrics = train_step(state, _global_batch(local, mesh), key)
         nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
         is_log = step % log_every == 0 or step == train_steps
-        is_save = step % save_every == 0 or step == train_steps or preemption.requested
-        if is_log or is_save:
+        is_save = step % save_every == 0 or step == train_steps
+        stop = preemption.requested  # read once: a SIGTERM landing later is handled after the next step
+        if is_log or is_save or stop:
           if bool(nonfinite):
             raise NonFiniteLoss(f"loss became NaN/inf at or before step {step}; stopped without saving "
                                 f"(last good checkpoint: step {checkpoints.latest_step()})")
@@ -140,17 +146,23 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
           elapsed = time.perf_counter() - window_start
           tokens_per_sec = window_tokens / max(elapsed, 1e-9)
           last = {k: float(v) for k, v in metrics.items()}
-          last.update(tokens_per_sec=tokens_per_sec, mfu=tokens_per_sec * flops_per_token / peak)
+          # data_checksum folds in this process's batches since the last log line: with log_every=1, equal
+          # values at a step mean the same examples in the same order at that step.
+          last.update(tokens_per_sec=tokens_per_sec, mfu=window_flops / max(elapsed, 1e-9) / peak,
+                      data_checksum=checksum)
           writer.write(step, last)
           bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_sec:.0f}")
-          window_tokens, window_start = 0.0, time.perf_counter()
+          window_tokens = window_flops = 0.0
+          checksum = 0
+          window_start = time.perf_counter()
         if eval_every and eval_documents and step % eval_every == 0:
           writer.write(step, evaluate(eval_step, state["params"], data, tokenizer, eval_documents, eval_steps, mesh),
                        prefix="eval")
-        if is_save:
+        if is_save or stop:
           checkpoints.save(step, state, batches.get_state(), config_json, force=True)
         bar.update(1)
-        if preemption.requested:
+        if stop:
+          preempted = True
           print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
           break
   finally:
@@ -159,7 +171,26 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
     writer.close()
     if hasattr(batches, "close"):
       batches.close()
-  return last
+  return {**last, "preempted": preempted}
+
+
+def data_checksum(local: dict) -> int:
+  """A cheap fingerprint of a batch's token ids (order-sensitive)."""
+  ids = np.asarray(local["input_ids"], np.int64).ravel()
+  return int(np.sum(ids * (np.arange(ids.size) % 9973 + 1)) % (1 << 31))
+
+
+def batch_flops_fn(config, specs):
+  """flops(local batch): 6 x params x tokens for the stack each token passes (encoder tokens through the
+  encoder, decoder tokens through the decoder and head); attention scores are left out."""
+  from t5x_lite.models.params import count_params as count  # pylint: disable=import-outside-toplevel
+  if config.family == "t5":
+    n_enc = count(specs["encoder"])
+    n_dec = count(specs) - n_enc - count(specs["embed"]) + (count(specs["embed"]) if config.tie_lm_head else 0)
+    return lambda b: 6.0 * (n_enc * float(np.sum(np.asarray(b["encoder_segment_ids"]) > 0))
+                            + n_dec * float(np.sum(np.asarray(b["decoder_segment_ids"]) > 0)))
+  n = count(specs) - (0 if config.tie_lm_head else count(specs["embed"]))
+  return lambda b: 6.0 * n * float(np.sum(np.asarray(b["segment_ids"]) > 0))
 
 
 def batch_weights(batch: dict):

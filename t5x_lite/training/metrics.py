@@ -25,12 +25,6 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best * jax.device_count()
 
 
-def train_flops_per_token(num_matmul_params: int) -> float:
-  """6 N: forward (2 N) plus backward (4 N) matmul FLOPs per token; attention scores are left out, so MFU is
-  slightly under-stated for long sequences."""
-  return 6.0 * num_matmul_params
-
-
 class MetricsWriter:
   """Appends metrics to metrics.jsonl (flushed per line) and TensorBoard (only on process 0)."""
 

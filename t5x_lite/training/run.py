@@ -73,6 +73,8 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
     with open(stats_path, "w") as f:
       json.dump(stats, f, indent=2)
   metrics = train(workdir, tokenizer=tokenizer, documents=train_docs, eval_documents=eval_docs)
+  if metrics.get("preempted"):
+    return metrics  # saved; the next start resumes
   if os.path.exists(stats_path):
     with open(stats_path) as f:
       print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
