@@ -36,8 +36,9 @@ def main(argv=None) -> int:
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
   import jax  # pylint: disable=import-outside-toplevel
   if args.coordinator_address or args.num_processes:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk through gloo
+    # CPU processes reach each other through gloo; the setting only concerns CPU devices, so it is harmless
+    # on GPU/TPU hosts (and asking for the backend here would initialise it too early).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                process_id=args.process_id)
   import gin  # pylint: disable=import-outside-toplevel

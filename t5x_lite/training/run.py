@@ -56,6 +56,9 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
     spm_path = os.path.join(workdir, "spiece.model")
     if not os.path.exists(spm_path) and jax.process_index() == 0:
       _train_sentencepiece(train_docs, spm_path, spm_vocab_size, seed)
+    if jax.process_count() > 1:  # the other hosts read the model process 0 just wrote
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("sentencepiece model written")
     tokenizer = load_tokenizer(workdir, "t5")
   elif corpus == "files":
     docs = sources.read_documents(files)
