@@ -71,14 +71,19 @@ def load_checkpoint(path: str, *, mesh=None, param_dtype: str | None = None, com
     config = config.replace(param_dtype=param_dtype)
   if compute_dtype:
     config = config.replace(dtype=compute_dtype)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(path, "params"), params_restore_target(config, config.param_dtype, mesh))
+  return config, params
+
+
+def params_restore_target(config, dtype: str, mesh=None):
+  """ShapeDtypeStructs with shardings (by the logical-axis rules on `mesh`, else the first device) for
+  restoring `config`'s params in `dtype`."""
   specs = family_of_config(config).model.param_specs(config)
-  abstract = abstract_params(specs, jnp.dtype(config.param_dtype))
+  abstract = abstract_params(specs, jnp.dtype(dtype))
   if mesh is not None:
     shardings = sharding.tree_shardings(mesh, axes_tree(specs), abstract)
   else:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(path, "params"), target)
-  return config, params
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -88,6 +88,31 @@ def _layer_masks(config: GemmaConfig, B: int, T: int, attention_mask_BT, segment
   return full, (full if window is None else masks.combine(full, window))
 
 
+def layer_block(config: GemmaConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
+                attend) -> jax.Array:
+  """One Gemma layer on x (B, T, D); `attend(q_BTNH, k_BTKH, v_BTKH) -> (B, T, N, H)` is the attention itself
+  (masked in the forward pass, cache-backed when decoding), so both share every other line."""
+  eps = config.rms_norm_eps
+
+  def norm(y, n):
+    return rms_norm(y, n["scale"], eps=eps, zero_centered=True)
+
+  h = norm(x_BTD, p["attn_norm"])
+  a = p["attn"]
+  q, k, v = project_heads(h, a["q"]), project_heads(h, a["k"]), project_heads(h, a["v"])
+  if config.qk_norm:
+    q, k = norm(q, a["q_norm"]), norm(k, a["k_norm"])
+  q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
+  h = merge_heads(attend(q, k, v), a["o"])
+  if config.sandwich_norms:
+    h = norm(h, p["post_attn_norm"])
+  x = x_BTD + h
+  h = mlp(p["mlp"], norm(x, p["mlp_norm"]), activation=config.mlp_activation, gated=True)
+  if config.sandwich_norms:
+    h = norm(h, p["post_mlp_norm"])
+  return x + h
+
+
 def hidden_states(params: dict, config: GemmaConfig, input_ids_BT: jax.Array,
                   attention_mask_BT: jax.Array | None = None, *, positions_BT: jax.Array | None = None,
                   segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -117,21 +142,11 @@ def hidden_states(params: dict, config: GemmaConfig, input_ids_BT: jax.Array,
     p, sliding = p_and_type
     mask = jnp.where(sliding, window_mask, full_mask)
     inv_freq = jnp.where(sliding, inv_freq_local, inv_freq_full)
-    h = norm(x, p["attn_norm"])
-    a = p["attn"]
-    q, k, v = project_heads(h, a["q"]), project_heads(h, a["k"]), project_heads(h, a["v"])
-    if config.qk_norm:
-      q, k = norm(q, a["q_norm"]), norm(k, a["k_norm"])
-    q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
-    h = merge_heads(dot_product_attention(q, k, v, mask=mask, scale=scale, softcap=config.attn_logit_softcap),
-                    a["o"])
-    if config.sandwich_norms:
-      h = norm(h, p["post_attn_norm"])
-    x = x + h
-    h = mlp(p["mlp"], norm(x, p["mlp_norm"]), activation=config.mlp_activation, gated=True)
-    if config.sandwich_norms:
-      h = norm(h, p["post_mlp_norm"])
-    return sharding.constrain(x + h, _ACT_BTD)
+
+    def attend(q, k, v):
+      return dot_product_attention(q, k, v, mask=mask, scale=scale, softcap=config.attn_logit_softcap)
+
+    return sharding.constrain(layer_block(config, p, x, positions_BT, inv_freq, attend), _ACT_BTD)
 
   sliding = jnp.asarray(config.sliding_layers)
   x = scan_layers(layer, x, (params["layers"], sliding), num_layers=config.num_layers, remat=config.remat)

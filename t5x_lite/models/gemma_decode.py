@@ -17,10 +17,9 @@ from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.models import gemma
 from t5x_lite.models.layers import embed
 from t5x_lite.nn import masks
-from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads
-from t5x_lite.nn.mlp import mlp
+from t5x_lite.nn.attention import dot_product_attention
 from t5x_lite.nn.norms import rms_norm
-from t5x_lite.nn.positions import apply_rope, rope_inverse_frequencies
+from t5x_lite.nn.positions import rope_inverse_frequencies
 
 
 def layer_period(sliding: tuple[bool, ...]) -> int:
@@ -74,29 +73,6 @@ def _layer_params(params, i):
   return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False), params["layers"])
 
 
-def _block(config: GemmaConfig, p: dict, x, positions_BT, inv_freq, attend):
-  """One Gemma layer; `attend(q, k, v) -> out` does the caching and the attention."""
-  eps = config.rms_norm_eps
-
-  def norm(y, n):
-    return rms_norm(y, n["scale"], eps=eps, zero_centered=True)
-
-  h = norm(x, p["attn_norm"])
-  a = p["attn"]
-  q, k, v = project_heads(h, a["q"]), project_heads(h, a["k"]), project_heads(h, a["v"])
-  if config.qk_norm:
-    q, k = norm(q, a["q_norm"]), norm(k, a["k_norm"])
-  q, k = apply_rope(q, positions_BT, inv_freq), apply_rope(k, positions_BT, inv_freq)
-  h = merge_heads(attend(q, k, v), a["o"])
-  if config.sandwich_norms:
-    h = norm(h, p["post_attn_norm"])
-  x = x + h
-  h = mlp(p["mlp"], norm(x, p["mlp_norm"]), activation=config.mlp_activation, gated=True)
-  if config.sandwich_norms:
-    h = norm(h, p["post_mlp_norm"])
-  return x + h
-
-
 def _setup(config: GemmaConfig):
   inv = {False: rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling),
          True: rope_inverse_frequencies(config.head_dim, config.rope_local_theta)}
@@ -140,7 +116,7 @@ def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
                                    softcap=config.attn_logit_softcap)
 
     caches = dict(caches)
-    return _block(config, _layer_params(params, i), x, positions, inv[sliding], attend), caches
+    return gemma.layer_block(config, _layer_params(params, i), x, positions, inv[sliding], attend), caches
 
   kv = {k: cache[k] for k in ("full_k", "full_v", "slide_k", "slide_v")}
   x, kv = _run_layers(config, _embed(params, config, input_ids_BP), kv, layer)
@@ -177,7 +153,7 @@ def decode_step(params: dict, config: GemmaConfig, token_B: jax.Array, slot: jax
                                    softcap=config.attn_logit_softcap)
 
     caches = dict(caches)
-    return _block(config, _layer_params(params, i), x, positions, inv[sliding], attend), caches
+    return gemma.layer_block(config, _layer_params(params, i), x, positions, inv[sliding], attend), caches
 
   kv = {k: cache[k] for k in ("full_k", "full_v", "slide_k", "slide_v")}
   x, kv = _run_layers(config, _embed(params, config, token_B[:, None]), kv, layer)

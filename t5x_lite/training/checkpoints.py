@@ -7,6 +7,7 @@ at any moment (kill -9 included) leaves the previous checkpoint loadable; `lates
 """
 
 import json
+import logging
 import os
 
 import jax
@@ -75,14 +76,15 @@ def abstract_like(tree):
 def load_run_params(workdir: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
   """(config, params, step) from the latest checkpoint of a train.py workdir, placed on `mesh` if given."""
   # Imported here: convert/ knows nothing of training, and this is the one bridge between them.
-  from t5x_lite import sharding  # pylint: disable=import-outside-toplevel
-  from t5x_lite.convert.checkpoint import config_from_json  # pylint: disable=import-outside-toplevel
-  from t5x_lite.convert.families import family_of_config  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models.params import abstract_params, axes_tree  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from t5x_lite.convert.checkpoint import (  # pylint: disable=import-outside-toplevel
+      config_from_json, params_restore_target)
 
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save: expected here
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
+  absl_logger.setLevel(level)
   try:
     step = manager.latest_step()
     if step is None:
@@ -90,14 +92,7 @@ def load_run_params(workdir: str, *, mesh=None, param_dtype: str | None = None, 
     config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     config = config_from_json(json.dumps(config_json), os.path.join(directory, str(step), "config"))
     stored_dtype = config.param_dtype
-    specs = family_of_config(config).model.param_specs(config)
-    abstract = abstract_params(specs, jnp.dtype(stored_dtype))
-    if mesh is not None:
-      shardings = sharding.tree_shardings(mesh, axes_tree(specs), abstract)
-    else:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = params_restore_target(config, stored_dtype, mesh)
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
   finally:
     manager.close()

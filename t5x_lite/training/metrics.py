@@ -1,5 +1,5 @@
-"""Run metrics: one JSON object per logging step in WORKDIR/metrics.jsonl, TensorBoard event files, and the
-FLOP/s measures (tokens/s, MFU against a matmul peak measured on this machine at start-up)."""
+"""Run metrics: one JSON object per logging step in WORKDIR/metrics.jsonl (eval: eval_metrics.jsonl),
+TensorBoard event files, and the FLOP/s measures (tokens/s, MFU against a matmul peak measured at start-up)."""
 
 import json
 import math
@@ -40,7 +40,10 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    # Training lines go to metrics.jsonl (one per logging step); other streams (eval) to their own file, so
+    # that "the last line for a step" in metrics.jsonl is always the training record.
+    path = self.path if prefix == "train" else self.path.replace("metrics.jsonl", f"{prefix}_metrics.jsonl")
+    with open(path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in metrics.items():
       self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
