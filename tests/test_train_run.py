@@ -122,3 +122,22 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
   assert "SIGTERM: saved step" in err
   saved = int(err.split("SIGTERM: saved step ")[1].split(",")[0])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved)))
+
+
+def test_nonfinite_loss_stops_without_saving(tmp_path, env):
+  """An exploding learning rate drives the loss to NaN/inf: the run stops with a clear message, exit code 3,
+  and the checkpoints written before stay loadable."""
+  workdir = str(tmp_path / "nan")
+  cmd = _cmd(workdir) + ["--gin.train.optimizer='adamw'", "--gin.train.schedule='rsqrt'",
+                         "--gin.rsqrt_schedule.base_learning_rate=1e38", "--gin.rsqrt_schedule.warmup_steps=1",
+                         "--gin.adamw.max_grad_norm=None"]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 3, r.stderr[-2000:]
+  assert "became NaN/inf" in r.stderr and "stopped without saving" in r.stderr
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  bad_step = int(r.stderr.split("at or before step ")[1].split(";")[0])
+  assert all(s < bad_step for s in saved)
+  if saved:  # the last good checkpoint loads, with finite params
+    params = t5x_lite.load(workdir, progress=False).params
+    import jax  # pylint: disable=import-outside-toplevel
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -134,13 +134,13 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
         checksum = (checksum * 31 + data_checksum(local)) % (1 << 31)
         key = jax.random.fold_in(jax.random.key(seed), step) if config.dropout_rate else None
         state, metrics = train_step(state, _global_batch(local, mesh), key)
-        nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
+        nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"]) | ~metrics.pop("params_finite")
         is_log = step % log_every == 0 or step == train_steps
         is_save = step % save_every == 0 or step == train_steps
         stop = preemption.requested  # read once: a SIGTERM landing later is handled after the next step
         if is_log or is_save or stop:
           if bool(nonfinite):
-            raise NonFiniteLoss(f"loss became NaN/inf at or before step {step}; stopped without saving "
+            raise NonFiniteLoss(f"loss (or params) became NaN/inf at or before step {step}; stopped without saving "
                                 f"(last good checkpoint: step {checkpoints.latest_step()})")
         if is_log:
           elapsed = time.perf_counter() - window_start

@@ -77,7 +77,9 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule, *
     new_params = optax.apply_updates(params, updates)
     metrics = {"loss": totals["loss"] / denom, "z_loss": totals["z_loss"] / denom,
                "accuracy": totals["correct"] / denom, "tokens": totals["weight_sum"],
-               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"])}
+               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"]),
+               # A loss can still be finite on the step whose update breaks the params: check them too.
+               "params_finite": jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))}
     return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
   return train_step
