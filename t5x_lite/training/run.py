@@ -45,11 +45,11 @@ def unigram_entropy(tokenizer, texts: list[str]) -> float:
 
 @gin.configurable(denylist=["workdir"])
 def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), tokenizer_dir: str | None = None,
-        spm_vocab_size: int = 2000, max_documents: int | None = None, sample_prompts: tuple[str, ...] = (),
+        tokenizer_family: str = "t5", spm_vocab_size: int = 2000, max_documents: int | None = None, sample_prompts: tuple[str, ...] = (),
         sample_max_new_tokens: int = 24, seed: int = 0) -> dict:
   """corpus "stdlib": the installed standard library's docstrings with a sentencepiece model trained on them
   (kept in WORKDIR so a resumed run reuses it); "files": `files` (text/JSONL) with the tokenizer in
-  `tokenizer_dir`. After training, the latest checkpoint is loaded and greedy-decodes `sample_prompts`."""
+  `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model). After training, the latest checkpoint is loaded and greedy-decodes `sample_prompts`."""
   os.makedirs(workdir, exist_ok=True)
   if corpus == "stdlib":
     train_docs, eval_docs = split_train_eval(stdlib_docstrings(max_documents))
@@ -63,9 +63,10 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
   elif corpus == "files":
     docs = sources.read_documents(files)
     train_docs, eval_docs = split_train_eval(docs) if docs and isinstance(docs[0], str) else (docs, [])
-    tokenizer = load_tokenizer(tokenizer_dir, "t5") if tokenizer_dir else None
+    tokenizer = load_tokenizer(tokenizer_dir, tokenizer_family) if tokenizer_dir else None
     if tokenizer is None:
-      raise ValueError(f"corpus 'files' needs tokenizer_dir with a spiece.model (got {tokenizer_dir!r})")
+      raise ValueError(f"corpus 'files' needs tokenizer_dir holding spiece.model / tokenizer.model "
+                       f"(got {tokenizer_dir!r})")
   else:
     raise ValueError(f"corpus must be 'stdlib' or 'files', got {corpus!r}")
 
