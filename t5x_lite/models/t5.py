@@ -123,7 +123,7 @@ def encode(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_ma
                          _ACT_BTD)
 
   def layer(x, p, key):
-    k_attn, k_res1, k_mlp, k_res2 = split_rng(key, 4)
+    k_res1, k_mlp, k_res2 = split_rng(key, 3)
     bias = shared_bias if shared_bias is not None else _relpos_bias(config, p["relpos"], positions, positions, True)
     h = rms_norm(x, p["attn_norm"]["scale"], eps=config.layer_norm_epsilon)
     x = x + dropout(_attention(p["attn"], h, h, mask=mask, bias=bias), rate, k_res1)
