@@ -31,12 +31,10 @@ touched per token + attention, / step time / peak) and MBU (bytes a step must re
 actual length, / step time / XLA read bandwidth). The roofline step is max(bytes / bandwidth, FLOPs / peak);
 with the encoder / prefill at the matmul peak it bounds the end-to-end ratio any implementation could reach.
 
-`--profile` then splits one T5 decoding step at batch 8 into pieces, each jitted alone, and reads the optimized
-HLO of `t5.decoder_step` for the copies XLA inserts per step.
+`--profile` then splits one decoding step at batch 8 by kernel kind, from XLA:CPU's own trace.
 """
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -62,7 +60,7 @@ def parse_args():
   p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 3; --quick 2)")
   p.add_argument("--gemma-vocab", type=int, default=262144, help="Gemma vocabulary (262144 = the 270M shape)")
   p.add_argument("--threads", type=int, default=None, help="cores for both sides (default: all schedulable)")
-  p.add_argument("--profile", action="store_true", help="split a T5 batch-8 step into pieces")
+  p.add_argument("--profile", action="store_true", help="split a batch-8 decoding step by XLA kernel kind")
   p.add_argument("--no-hf", action="store_true", help="ours only (no transformers runs)")
   args = p.parse_args()
   args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -486,265 +484,51 @@ def targets(all_results: dict) -> None:
 
 # --------------------------------------------------------------------------------------------- profile
 
-def profile_t5(case: "Case", peaks: dict, B: int = 8) -> None:
-  """Where one T5 decoding step at batch B goes: pieces jitted alone, and the copies in decoder_step's HLO.
+def profile_steps(case: "Case", B: int = 8) -> None:
+  """Where one decoding step goes: XLA:CPU's own per-kernel trace (jax.profiler) of a whole `generate` call
+  minus that of the same call stopped after the first token, per kernel kind, divided by the 63 extra steps.
 
-  The pieces are timed round-robin (a few calls of each per round, several rounds), so load from other processes
-  spreads over all of them; the fastest call is the least disturbed estimate, the median is shown beside it.
+  Tracing adds a fixed cost per kernel, so the per-kind times sum to more than the untraced step; the shares
+  and the kernel count are the point.
   """
-  from t5x_lite.models import t5  # pylint: disable=import-outside-toplevel
-  from t5x_lite.models.t5 import _relpos_bias  # pylint: disable=import-outside-toplevel,protected-access
-  from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads  # pylint: disable=import-outside-toplevel
-  from t5x_lite.nn.mlp import mlp  # pylint: disable=import-outside-toplevel
-  from t5x_lite.nn.norms import rms_norm  # pylint: disable=import-outside-toplevel
-
-  say(f"\n### profile: one t5 decoding step at batch {B} (self cache {NEW} slots, cross K/V {PROMPT} slots), "
-      "pieces jitted alone, timed round-robin")
-  m, c = case.ours, case.ours.config
-  params = m.params
-  L, D, N, H, V = c.num_decoder_layers, c.d_model, c.num_heads, c.head_dim, c.vocab_size
-  eps = c.layer_norm_epsilon
-  ids = jnp.asarray(np.random.default_rng(1).integers(3, V - 1, (B, PROMPT)), jnp.int32)
-  mask = jnp.ones((B, PROMPT), jnp.int32)
-  enc = jax.jit(lambda p, i, k: t5.encode(p, c, i, k))(params, ids, mask)
-  cross = jax.jit(lambda p, e: t5.cross_attention_kv(p, c, e))(params, enc)
-  tok = jnp.zeros((B,), jnp.int32)
-  idx = jnp.int32(NEW // 2)
-  x = jax.random.normal(jax.random.key(0), (B, 1, D), jnp.float32)
-  pieces = {}  # name -> zero-argument callable that blocks on its result
-
-  # The library step. The cache is donated, as inside the generate loop (else XLA copies all of it first).
-  step = jax.jit(lambda p, tk, i, ca, cr, mk: t5.decoder_step(p, c, tk, i, ca, cr, mk), donate_argnums=(3,))
-
-  def stepper(p):
-    box = [t5.init_decoder_cache(c, B, NEW)]
-
-    def call():
-      logits, box[0] = step(p, tok, idx, box[0], cross, mask)
-      logits.block_until_ready()
-    return call
-
-  pieces["step"] = stepper(params)
-  pieces["layers"] = stepper({**params, "lm_head": {"kernel": params["lm_head"]["kernel"][:, :128]}})
-  head = jax.jit(lambda p, h: jnp.argmax(t5.lm_logits(p, c, h)[:, 0].astype(jnp.float32), axis=-1))
-  pieces["head"] = lambda: head({"lm_head": params["lm_head"]}, x).block_until_ready()
-  w_t = torch.from_numpy(np.array(params["lm_head"]["kernel"]))
-  x_t = torch.from_numpy(np.array(x[:, 0]))
-
-  def torch_head():
-    with torch.inference_mode():
-      torch.argmax(x_t @ w_t, -1)
-  pieces["head_torch"] = torch_head
-
-  # One layer's blocks, that layer's weights passed as plain arguments (no slicing of stacked params inside).
-  lp = jax.tree.map(lambda w: w[0], params["decoder"]["layers"])
-  self_cache = {k: jnp.zeros((B, NEW, N, H), jnp.float32) for k in "kv"}
-  self_mask = (jnp.arange(NEW) <= idx)[None, None, None, :]
-  cross_mask = mask[:, None, None, :].astype(bool)
-
-  def self_block(p, x, k, v):
-    h = rms_norm(x, p["attn_norm"]["scale"], eps=eps)
-    q = project_heads(h, p["attn"]["q"])
-    k = jax.lax.dynamic_update_slice(k, project_heads(h, p["attn"]["k"]), (0, idx, 0, 0))
-    v = jax.lax.dynamic_update_slice(v, project_heads(h, p["attn"]["v"]), (0, idx, 0, 0))
-    return x + merge_heads(dot_product_attention(q, k, v, mask=self_mask), p["attn"]["o"]), k, v
-
-  def cross_block(p, x, k, v):
-    h = rms_norm(x, p["cross_norm"]["scale"], eps=eps)
-    q = project_heads(h, p["cross_attn"]["q"])
-    return x + merge_heads(dot_product_attention(q, k, v, mask=cross_mask), p["cross_attn"]["o"])
-
-  def mlp_block(p, x):
-    h = rms_norm(x, p["mlp_norm"]["scale"], eps=eps)
-    return x + mlp(p["mlp"], h, activation=c.mlp_activation, gated=c.mlp_gated)
-
-  self_jit = jax.jit(self_block, donate_argnums=(2, 3))
-  box = [self_cache["k"], self_cache["v"]]
-
-  def self_call():
-    out, box[0], box[1] = self_jit(lp, x, box[0], box[1])
-    out.block_until_ready()
-  pieces["self"] = self_call
-  cross_jit, mlp_jit = jax.jit(cross_block), jax.jit(mlp_block)
-  k0, v0 = cross["k"][0], cross["v"][0]
-  pieces["cross"] = lambda: cross_jit(lp, x, k0, v0).block_until_ready()
-  pieces["mlp"] = lambda: mlp_jit(lp, x).block_until_ready()
-  # Cross attention alone: the library's (B, S, N, H) cache layout vs (B, N, S, H).
-  q = jax.random.normal(jax.random.key(1), (B, 1, N, H), jnp.float32)
-  attn_bsnh = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=cross_mask))
-  pieces["attn_bsnh"] = lambda: attn_bsnh(q, k0, v0).block_until_ready()
-  k0t, v0t = jnp.swapaxes(k0, 1, 2), jnp.swapaxes(v0, 1, 2)
-
-  def attn_bnsh(q, k, v):
-    logits = jnp.einsum("BTNH,BNSH->BNTS", q, k)
-    logits = jnp.where(cross_mask, logits, jnp.finfo(jnp.float32).min)
-    return jnp.einsum("BNTS,BNSH->BTNH", jax.nn.softmax(logits, axis=-1), v)
-  attn_bnsh_jit = jax.jit(attn_bnsh)
-  pieces["attn_bnsh"] = lambda: attn_bnsh_jit(q, k0t, v0t).block_until_ready()
-  # What a traced layer index costs: every layer's weights sliced out of the stacked arrays (read + write).
-  dec_w = params["decoder"]["layers"]
-  slicer = jax.jit(lambda w: [jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False) * 1.5, w)
-                              for i in range(L)])
-  pieces["slice"] = lambda: jax.block_until_ready(slicer(dec_w))
-
-  # Variant (bench-local, not library code): layers unrolled over per-layer weight arrays (nothing sliced in a
-  # loop), caches kept (B, N, S, H) so the attention dots need no transpose. Same maths, checked against
-  # decoder_step's logits.
-  layers_list = [jax.tree.map(lambda w, i=i: w[i], params["decoder"]["layers"]) for i in range(L)]
-  cross_list = {k: [jnp.swapaxes(v[i], 1, 2) for i in range(L)] for k, v in cross.items()}  # (B, N, S, H)
-  top = {"embedding": params["embed"]["embedding"], "relpos": params["decoder"]["relpos"],
-         "final_norm": params["decoder"]["final_norm"]["scale"], "lm_head": params["lm_head"]["kernel"]}
-
-  def variant(layers, top, tok, index, caches, cross_t, enc_mask):
-    k_pos = jnp.arange(NEW)[None, :]
-    bias = _relpos_bias(c, top["relpos"], jnp.full((1, 1), index), k_pos, False)  # (1, N, 1, S)
-    smask = (k_pos <= index)[:, None, None, :]
-    cmask = enc_mask[:, None, None, :].astype(bool)
-    x = jnp.take(top["embedding"], tok[:, None], axis=0)
-    new = []
-
-    def attend(q_BNH, k_BNSH, v_BNSH, mask, bias=None):
-      s = jnp.einsum("BNH,BNSH->BNS", q_BNH, k_BNSH)[:, :, None]
-      s = s if bias is None else s + bias
-      s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-      return jnp.einsum("BNS,BNSH->BNH", jax.nn.softmax(s, axis=-1)[:, :, 0], v_BNSH)[:, None]
-
-    for i, p in enumerate(layers):
-      h = rms_norm(x, p["attn_norm"]["scale"], eps=eps)
-      q = project_heads(h, p["attn"]["q"])[:, 0]
-      kk, vv = (jax.lax.dynamic_update_slice(caches[i][n], project_heads(h, p["attn"][n]).swapaxes(1, 2),
-                                             (0, 0, index, 0)) for n in ("k", "v"))
-      new.append({"k": kk, "v": vv})
-      x = x + merge_heads(attend(q, kk, vv, smask, bias), p["attn"]["o"])
-      h = rms_norm(x, p["cross_norm"]["scale"], eps=eps)
-      q = project_heads(h, p["cross_attn"]["q"])[:, 0]
-      x = x + merge_heads(attend(q, cross_t["k"][i], cross_t["v"][i], cmask), p["cross_attn"]["o"])
-      x = x + mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps=eps), activation=c.mlp_activation,
-                  gated=c.mlp_gated)
-    x = rms_norm(x, top["final_norm"], eps=eps)
-    return x[:, 0] @ top["lm_head"], new
-
-  var = jax.jit(variant, donate_argnums=(4,))
-  var_box = [[{k: jnp.zeros((B, N, NEW, H), jnp.float32) for k in "kv"} for _ in range(L)]]
-  ref_logits, _ = step(params, tok, idx, t5.init_decoder_cache(c, B, NEW), cross, mask)
-  var_logits, var_box[0] = var(layers_list, top, tok, idx, var_box[0], cross_list, mask)
-  diff = float(jnp.max(jnp.abs(ref_logits - var_logits)))
-
-  def var_call():
-    out, var_box[0] = var(layers_list, top, tok, idx, var_box[0], cross_list, mask)
-    out.block_until_ready()
-  pieces["variant"] = var_call
-  # Fixed cost per XLA kernel: a chain of 256 dependent tiny matmuls (no real work) in one program.
-  ws = list(jax.random.normal(jax.random.key(2), (256, 64, 64), jnp.float32) * 0.1)
-  chain = jax.jit(lambda x, ws: functools.reduce(lambda y, w: y @ w, ws, x))
-  x64 = jnp.ones((B, 64), jnp.float32)
-  pieces["chain"] = lambda: chain(x64, ws).block_until_ready()
-
-  times = {k: [] for k in pieces}
-  for fn in pieces.values():
-    fn()  # compile / warm up
-  for _ in range(8):
-    for k, fn in pieces.items():
-      for _ in range(3):
-        times[k].append(timed(fn)[0])
-  best = {k: min(v) for k, v in times.items()}
-  med = {k: statistics.median(v) for k, v in times.items()}
-  costs = count_costs("t5", c, B)
-  w_layers = costs["weight_bytes"] - 4 * D * V
-  notes = {
-      "step": "t5.decoder_step: 8 layers + head",
-      "layers": "  the same with a 128-wide head (~ the 8 layers alone)",
-      "head": "  t5.lm_logits (B,1,512)@(512,32128) + argmax",
-      "head_torch": "  the same head matmul + argmax in torch",
-      "self": "  self-attn block, 1 layer, weights as args",
-      "cross": "  cross-attn block, 1 layer, weights as args",
-      "mlp": "  MLP block, 1 layer, weights as args",
-      "attn_bsnh": "  cross-attn core, cache (B,S,N,H) as the library keeps it",
-      "attn_bnsh": "  cross-attn core, cache (B,N,S,H)",
-      "slice": "  slicing all 8 layers' weights out of the stacks",
-      "variant": "variant: unrolled, per-layer weights, (B,N,S,H) caches",
-  }
-  extra = {
-      "head": f"{2 * B * D * V / best['head'] / GB:.1f} GFLOP/s, {4 * D * V / best['head'] / GB:.1f} GB/s",
-      "self": f"x{L} = {best['self'] * L * 1e3:.2f} ms", "cross": f"x{L} = {best['cross'] * L * 1e3:.2f} ms",
-      "mlp": f"x{L} = {best['mlp'] * L * 1e3:.2f} ms", "attn_bsnh": f"x{L} = {best['attn_bsnh'] * L * 1e3:.2f} ms",
-      "attn_bnsh": f"x{L} = {best['attn_bnsh'] * L * 1e3:.2f} ms",
-      "slice": f"{w_layers / 1e6:.0f} MB read + written: {2 * w_layers / best['slice'] / GB:.1f} GB/s",
-      "variant": f"max |logit diff| vs decoder_step {diff:.1e}",
-  }
-  say(table(["piece", "fastest ms", "median ms", "note"],
-            [[notes[k], f"{best[k] * 1e3:.2f}", f"{med[k] * 1e3:.2f}", extra.get(k, "")] for k in notes], 1))
-  per_kernel = best["chain"] / 256
-  say(f"  sum of pieces: 8 x (self + cross + MLP) + head = "
-      f"{(L * (best['self'] + best['cross'] + best['mlp']) + best['head']) * 1e3:.2f} ms; roofline "
-      f"{max(costs['bytes'] / peaks['xla_read_bw'], costs['flops'] / peaks['xla_peak']) * 1e3:.2f} ms "
-      f"({costs['bytes'] / 1e6:.0f} MB at {peaks['xla_read_bw'] / GB:.1f} GB/s, "
-      f"{costs['flops'] / 1e9:.2f} GFLOP at {peaks['xla_peak'] / GB:.0f} GFLOP/s)")
-  say(f"  XLA fixed cost per kernel (256 dependent (8,64)@(64,64) matmuls in one program): {per_kernel * 1e6:.1f} us")
-  hlo = step.lower(params, tok, idx, t5.init_decoder_cache(c, B, NEW), cross, mask).compile().as_text()
-  kernels = hlo_copies(hlo, L)
-  say(f"  kernels launched per step (HLO fusions/dots/copies, scan body x {L} + outside): {kernels} -> "
-      f"~{kernels * per_kernel * 1e3:.1f} ms of fixed cost at the measured rate")
-
-
-def hlo_copies(txt: str, L: int) -> int:
-  """Bytes written per step by copy / transpose / dynamic-slice fusions in decoder_step's optimized HLO; returns
-  the number of kernels (fusions, dots, copies, ...) one step launches."""
+  import collections  # pylint: disable=import-outside-toplevel
+  import glob  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
   import re  # pylint: disable=import-outside-toplevel
-  comps, name = {}, None
-  for line in txt.splitlines():
-    if line and not line.startswith(" ") and "{" in line and "(" in line:
-      name = line.split(" ", 1)[0].lstrip("%")
-      comps[name] = []
-    elif line.startswith("  ") and name:
-      comps[name].append(line)
-    elif line.startswith("}"):
-      name = None
-  entry_lines = []
-  in_entry = False
-  for line in txt.splitlines():
-    if line.startswith("ENTRY"):
-      in_entry = True
-      continue
-    if in_entry and line.startswith("}"):
-      break
-    if in_entry:
-      entry_lines.append(line)
-  bodies = set(re.findall(r"body=%([\w.\-]+)", "\n".join(entry_lines)))
-  sizes = {"f32": 4, "s32": 4, "pred": 1, "bf16": 2}
-  tally = {}
 
-  def add(lines, times):
-    for line in lines:
-      m = re.match(r"\s+%([\w.\-]+) = (\w+)\[([\d,]*)\]\{[^}]*\} (fusion|copy|transpose)\(", line)
-      if not m:
+  def kernel_times(fn) -> tuple[collections.Counter, collections.Counter]:
+    fn()  # compiled and warm
+    out = tempfile.mkdtemp(prefix="bench_decode_trace_")
+    try:
+      jax.profiler.start_trace(out, create_perfetto_trace=True)
+      fn()
+      jax.profiler.stop_trace()
+      with gzip.open(glob.glob(os.path.join(out, "**", "*perfetto_trace.json.gz"), recursive=True)[0]) as f:
+        events = json.load(f)
+    finally:
+      shutil.rmtree(out, ignore_errors=True)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+      name = e.get("name", "")
+      if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "end: ")) or "Await" in name:
         continue
-      nm, dt, dims, _ = m.groups()
-      kind = next((k for k in ("dynamic-slice", "transpose", "copy") if k in nm), None)
-      if kind is None or dt not in sizes:
-        continue
-      n = 1
-      for d in filter(None, dims.split(",")):
-        n *= int(d)
-      if n * sizes[dt] < 4096:
-        continue
-      tally.setdefault(kind, [0, 0])
-      tally[kind][0] += times
-      tally[kind][1] += times * n * sizes[dt]
+      kind = re.sub(r"[\d.]+$", "", name)  # dot.712 -> dot, copy_bitcast_fusion.4 -> copy_bitcast_fusion
+      total[kind] += e.get("dur", 0) * 1e-6
+      count[kind] += 1
+    return total, count
 
-  add(entry_lines, 1)
-  for b in bodies:
-    add(comps.get(b, []), L)
-  ops = r"\s+%[\w.\-]+ = .*? (fusion|dot|copy|transpose|custom-call|dynamic-update-slice|dynamic-slice|reduce|sort)\("
-  kernels = sum(1 for line in entry_lines if re.match(ops, line)) + \
-      L * sum(1 for b in bodies for line in comps.get(b, []) if re.match(ops, line))
-  say("  optimized HLO of t5.decoder_step: buffers >= 4 KiB written by non-dot fusions, per step:")
-  for kind, (count, nbytes) in sorted(tally.items()):
-    what = {"dynamic-slice": "per-layer weight slices out of the stacked (L, ...) params (scan body)",
-            "transpose": "layout changes, mostly K/V caches (B,S,N,H) -> (B,N,S,H) for the attention dots",
-            "copy": "other copies (weight relayouts such as o (N,H,D))"}[kind]
-    say(f"    {kind:13s} {count:4d} ops, {nbytes / 1e6:7.1f} MB written  ({what})")
-  return kernels
+  full_t, full_n = kernel_times(lambda: case.ours_generate(B))
+  first_t, first_n = kernel_times(lambda: case.ours_first(B))
+  steps = NEW - 1
+  per_t = {k: (full_t[k] - first_t[k]) / steps for k in full_t}
+  per_n = {k: (full_n[k] - first_n[k]) / steps for k in full_n}
+  total = sum(v for v in per_t.values() if v > 0)
+  say(f"\n### profile: one {case.kind} decoding step at batch {B}, XLA:CPU kernel trace, per step "
+      f"({sum(per_n.values()):.0f} kernels, {total * 1e3:.2f} ms traced)")
+  rows = [[k, f"{per_n[k]:.0f}", f"{v * 1e3:.3f}", f"{v / total:.0%}"]
+          for k, v in sorted(per_t.items(), key=lambda kv: -kv[1])[:12]]
+  say(table(["kernel kind", "per step", "ms per step", "share"], rows, 1))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -759,8 +543,8 @@ def main():
       case = Case(kind, tmp)
       all_results[kind] = [case.run(B) for B in ARGS.batches]
       report(kind, all_results[kind], peaks)
-      if ARGS.profile and kind == "t5":
-        profile_t5(case, peaks)
+      if ARGS.profile:
+        profile_steps(case)
       del case
       shutil.rmtree(os.path.join(tmp, kind), ignore_errors=True)
   finally:

@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.decoding import kv_cache
 from t5x_lite.decoding.loop import decode_tokens
 from t5x_lite.models import gemma_decode, t5
 
@@ -19,18 +20,21 @@ def _repeat_rows(x, beams: int, axis: int):
 
 def _t5_decoder(params, config, ids, mask, beams: int, max_new: int):
   """(step_fn, initial state, first tokens, reorder_fn) for T5 over B*beams rows."""
+  B = ids.shape[0]
+  N = B * beams
+  H = config.num_heads
   encoded = t5.encode(params, config, ids, mask)
-  cross = t5.cross_attention_kv(params, config, encoded)
-  cross = jax.tree.map(lambda x: _repeat_rows(x, beams, 1), cross)
+  layers = t5.decoder_layer_params(params, config)
+  cross = t5.cross_attention_kv(layers, config, encoded)
+  cross = jax.tree.map(lambda x: kv_cache.repeat_rows(x, beams, B, H), cross)
   mask = _repeat_rows(mask, beams, 0)
-  N = ids.shape[0] * beams
   cache = t5.init_decoder_cache(config, N, max_new)
 
   def step(tokens, cache, t):
-    return t5.decoder_step(params, config, tokens, t, cache, cross, mask)
+    return t5.decoder_step(params, config, layers, tokens, t, cache, cross, mask)
 
   def reorder(cache, index):
-    return jax.tree.map(lambda x: jnp.take(x, index, axis=1), cache)
+    return jax.tree.map(lambda x: kv_cache.take_rows(x, index, N, H), cache)
 
   first = jnp.full((N,), config.decoder_start_token_id, jnp.int32)
   return step, cache, first, None, reorder
@@ -39,17 +43,23 @@ def _t5_decoder(params, config, ids, mask, beams: int, max_new: int):
 def _gemma_decoder(params, config, ids, mask, beams: int, max_new: int):
   """Prefill, then (step_fn, state, None, first logits, reorder_fn) over B*beams rows."""
   B, P = ids.shape
-  cache = gemma_decode.init_cache(config, B, P + max_new)
-  first_logits, cache = gemma_decode.prefill(params, config, ids, mask, cache)
+  N = B * beams
+  K = config.num_kv_heads
+  first_logits, cache = gemma_decode.prefill(params, config, ids, mask, P + max_new)
+  layers = gemma_decode.decode_layer_params(params, config)
+
+  def rows(cache, kv_fn, other_fn):
+    return {name: [kv_fn(x) for x in xs] if name in ("k", "v") else other_fn(xs) for name, xs in cache.items()}
+
   if beams > 1:
-    cache = {k: _repeat_rows(v, beams, 0 if k in ("key_valid", "next_position") else 1) for k, v in cache.items()}
+    cache = rows(cache, lambda x: kv_cache.repeat_rows(x, beams, B, K), lambda x: _repeat_rows(x, beams, 0))
     first_logits = _repeat_rows(first_logits, beams, 0)
 
   def step(tokens, cache, t):
-    return gemma_decode.decode_step(params, config, tokens, P + t - 1, cache)
+    return gemma_decode.decode_step(params, config, layers, tokens, P + t - 1, cache)
 
   def reorder(cache, index):
-    return {k: jnp.take(v, index, axis=0 if k in ("key_valid", "next_position") else 1) for k, v in cache.items()}
+    return rows(cache, lambda x: kv_cache.take_rows(x, index, N, K), lambda x: jnp.take(x, index, axis=0))
 
   return step, cache, None, first_logits, reorder
 

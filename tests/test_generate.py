@@ -315,3 +315,22 @@ def test_beam_search_equals_transformers(tmp_path, beams, penalty):
   ours = t5x_lite.load(str(tmp_path / "t5"), progress=False).generate(
       enc, enc_mask, max_new_tokens=10, method="beam", num_beams=beams, length_penalty=penalty)
   np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("family", ["gemma_mqa", "t5"])
+def test_a_single_row_generates_what_it_generates_inside_a_batch(family, tmp_path):
+  """Batch 1 and multi-query (K = 1) caches are stored without their size-1 axes (decoding/kv_cache.py); the
+  tokens must not depend on that, for greedy and beam search (which repeats and reorders cache rows)."""
+  if family == "t5":
+    build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), tmp_path, seed=11)
+    ids = np.random.default_rng(12).integers(3, 128, (3, 6))
+    mask = np.ones_like(ids)
+  else:
+    build_hf(*DECODER_ONLY["gemma"], tmp_path, seed=11)  # num_key_value_heads=1
+    ids, mask = _left_padded(np.random.default_rng(12), 3, 6, [0, 0, 0])
+  model = t5x_lite.load(str(tmp_path), progress=False)
+  for kwargs in (dict(method="greedy"), dict(method="beam", num_beams=3)):
+    batch = model.generate(ids, mask, max_new_tokens=6, **kwargs)
+    for row in range(3):
+      single = model.generate(ids[row:row + 1], mask[row:row + 1], max_new_tokens=6, **kwargs)
+      np.testing.assert_array_equal(single[0], batch[row], err_msg=f"{kwargs} row {row}")

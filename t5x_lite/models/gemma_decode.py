@@ -1,11 +1,13 @@
 """Gemma with a static-shape KV cache: prefill a left-padded prompt in one pass, then one token per step.
 
-Full-attention layers keep a (B, S_max) cache; sliding-window layers keep only a ring buffer of
-R = min(window, S_max) slots (slot a lives at ring index a % R). Layer types follow a repeating pattern
-(Gemma 2: period 2, Gemma 3: period 6), so the stack is scanned over groups of one period with the period
-unrolled inside: each layer's type, and so its cache shape, is static, and compile time does not grow with
-depth. Cache, per row: `key_valid` (B, S_max) marks real tokens; `next_position` (B,) is the next RoPE
-position (the count of real tokens so far).
+Full-attention layers keep a (B, K, S_max, H) cache; sliding-window layers keep only a ring buffer of
+R = min(window, S_max) slots (slot a lives at ring index a % R). Caches are head-major, one array per layer.
+The prefill scans over groups of one layer-type period (Gemma 2: 2, Gemma 3: 6) with the period unrolled
+inside, so each layer's type and cache shape are static and its compile time does not grow with depth. The
+decoding step runs its layers unrolled over per-layer weights prepared once per generate call
+(`decode_layer_params`: (out, in) matrices, as `t5.decoder_layer_params` explains) and per-layer caches, so
+nothing is sliced, transposed or cast inside the decoding loop. Cache, per row: `key_valid` (B, S_max) marks
+real tokens; `next_position` (B,) is the next RoPE position (the count of real tokens so far).
 """
 
 import math
@@ -14,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite.config.gemma import GemmaConfig
+from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma
-from t5x_lite.models.layers import embed
-from t5x_lite.nn import masks
-from t5x_lite.nn.attention import dot_product_attention
+from t5x_lite.models.layers import embed, unstack_layers
+from t5x_lite.nn.attention import cached_attention, dot_product_attention
+from t5x_lite.nn.mlp import ACTIVATIONS
 from t5x_lite.nn.norms import rms_norm
-from t5x_lite.nn.positions import rope_inverse_frequencies
+from t5x_lite.nn.positions import apply_rope, rope_inverse_frequencies
 
 
 def layer_period(sliding: tuple[bool, ...]) -> int:
@@ -34,39 +37,26 @@ def ring_size(config: GemmaConfig, max_length: int) -> int:
   return max_length if config.sliding_window is None else min(config.sliding_window, max_length)
 
 
-def init_cache(config: GemmaConfig, batch: int, max_length: int) -> dict:
-  sliding = config.sliding_layers
-  n_slide = sum(sliding)
-  dtype = jnp.dtype(config.dtype)
-  kv = (batch, config.num_kv_heads, config.head_dim)
-  R = ring_size(config, max_length)
-
-  def zeros(n, length):
-    return jnp.zeros((n, kv[0], length, *kv[1:]), dtype)
-
-  return {"full_k": zeros(len(sliding) - n_slide, max_length), "full_v": zeros(len(sliding) - n_slide, max_length),
-          "slide_k": zeros(n_slide, R), "slide_v": zeros(n_slide, R),
-          "key_valid": jnp.zeros((batch, max_length), bool), "next_position": jnp.zeros((batch,), jnp.int32)}
-
-
-def _run_layers(config: GemmaConfig, x, caches, layer_fn):
-  """Runs `layer_fn(x, caches, layer_index, type_index, sliding)` over the stack, scanning over periods."""
+def _run_layers(config: GemmaConfig, x, layer_fn):
+  """Runs `layer_fn(x, layer_index, sliding) -> (x, out)` over the stack, scanning over layer-type periods;
+  returns x and the list of every layer's `out`."""
   sliding = config.sliding_layers
   p = layer_period(sliding)
   G, r = divmod(len(sliding), p)
-  per_group = (sum(not s for s in sliding[:p]), sum(sliding[:p]))  # (full, sliding) layers per period
-  rank = [sum(sliding[k] == sliding[j] for k in range(j)) for j in range(p)]
 
-  def group(carry, g):
-    x, caches = carry
+  def group(x, g):
+    outs = []
     for j in range(p):
-      x, caches = layer_fn(x, caches, g * p + j, g * per_group[sliding[j]] + rank[j], sliding[j])
-    return (x, caches), None
+      x, out = layer_fn(x, g * p + j, sliding[j])
+      outs.append(out)
+    return x, outs
 
-  (x, caches), _ = jax.lax.scan(group, (x, caches), jnp.arange(G))
+  x, stacked = jax.lax.scan(group, x, jnp.arange(G))  # stacked[j]: layer g*p + j's out on a leading G axis
+  outs = [jax.tree.map(lambda y, g=g, j=j: y[g], stacked[j]) for g in range(G) for j in range(p)]
   for j in range(r):  # a last, partial period (Gemma 3 1B: 26 = 4 x 6 + 2)
-    x, caches = layer_fn(x, caches, G * p + j, G * per_group[sliding[j]] + rank[j], sliding[j])
-  return x, caches
+    x, out = layer_fn(x, G * p + j, sliding[j])
+    outs.append(out)
+  return x, outs
 
 
 def _layer_params(params, i):
@@ -91,71 +81,123 @@ def _finish(params, config, x_BD):
 
 
 def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attention_mask_BP: jax.Array,
-            cache: dict) -> tuple[jax.Array, dict]:
-  """Runs the (left-padded) prompt through the stack, fills slots [0, P) of the cache, and returns the float32
-  logits (B, V) at the last prompt slot."""
+            max_length: int) -> tuple[jax.Array, dict]:
+  """Runs the (left-padded) prompt through the stack and returns the float32 logits (B, V) at the last prompt
+  slot and the cache for `max_length` slots with slots [0, P) filled."""
   B, P = input_ids_BP.shape
   inv, scale = _setup(config)
   positions = gemma.positions_from_mask(attention_mask_BP)
   full_mask, window_mask = gemma._layer_masks(config, B, P, attention_mask_BP, None)  # pylint: disable=protected-access
-  R = cache["slide_k"].shape[2]
-  # Ring index r receives the last prompt slot a < P with a % R == r (or nothing when a < 0).
-  ring_src = (P - 1) - jnp.mod(P - 1 - jnp.arange(R), R)
-  ring_ok = (ring_src >= 0)[None, :, None, None]
-  ring_src = jnp.maximum(ring_src, 0)
 
-  def layer(x, caches, i, ti, sliding):
+  def layer(x, i, sliding):
+    kv = {}
+
     def attend(q, k, v):
-      if sliding:
-        caches["slide_k"] = caches["slide_k"].at[ti].set(jnp.where(ring_ok, k[:, ring_src], 0).astype(k.dtype))
-        caches["slide_v"] = caches["slide_v"].at[ti].set(jnp.where(ring_ok, v[:, ring_src], 0).astype(v.dtype))
-      else:
-        caches["full_k"] = jax.lax.dynamic_update_slice(caches["full_k"], k[None], (ti, 0, 0, 0, 0))
-        caches["full_v"] = jax.lax.dynamic_update_slice(caches["full_v"], v[None], (ti, 0, 0, 0, 0))
+      kv["k"], kv["v"] = k, v
       return dot_product_attention(q, k, v, mask=window_mask if sliding else full_mask, scale=scale,
                                    softcap=config.attn_logit_softcap)
 
-    caches = dict(caches)
-    return gemma.layer_block(config, _layer_params(params, i), x, positions, inv[sliding], attend), caches
+    x = gemma.layer_block(config, _layer_params(params, i), x, positions, inv[sliding], attend)
+    return x, (kv["k"], kv["v"])
 
-  kv = {k: cache[k] for k in ("full_k", "full_v", "slide_k", "slide_v")}
-  x, kv = _run_layers(config, _embed(params, config, input_ids_BP), kv, layer)
+  x, kvs = _run_layers(config, _embed(params, config, input_ids_BP), layer)
+  R = ring_size(config, max_length)
+  # Ring index r receives the last prompt slot a < P with a % R == r (or nothing when a < 0).
+  ring_src = (P - 1) - jnp.mod(P - 1 - jnp.arange(R), R)
+  ring_ok = (ring_src >= 0)[None, None, :, None]
+  ring_src = jnp.maximum(ring_src, 0)
+  dtype = jnp.dtype(config.dtype)
+
+  def to_cache(y_BPKH, sliding):
+    if sliding:
+      y_BKRH = y_BPKH.transpose(0, 2, 1, 3)[:, :, ring_src]
+      return kv_cache.store(jnp.where(ring_ok, y_BKRH, 0).astype(dtype))
+    full = kv_cache.zeros(B, config.num_kv_heads, max_length, config.head_dim, dtype)
+    return kv_cache.write(full, y_BPKH, 0)
+
+  sliding = config.sliding_layers
   valid = attention_mask_BP.astype(bool)
-  key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], valid, (0, 0))
-  next_position = jnp.sum(valid, axis=1).astype(jnp.int32)
-  return _finish(params, config, x[:, -1:])[:, 0], {**kv, "key_valid": key_valid, "next_position": next_position}
+  key_valid = jnp.zeros((B, max_length), bool).at[:, :P].set(valid)
+  cache = {"k": [to_cache(k, s) for (k, _), s in zip(kvs, sliding)],
+           "v": [to_cache(v, s) for (_, v), s in zip(kvs, sliding)],
+           "key_valid": key_valid, "next_position": jnp.sum(valid, axis=1).astype(jnp.int32)}
+  return _finish(params, config, x[:, -1:])[:, 0], cache
 
 
-def decode_step(params: dict, config: GemmaConfig, token_B: jax.Array, slot: jax.Array,
+def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
+  """Per-layer weights for `decode_step`, (out, in) in the compute dtype: q (N*H, D), kv (2, K*H, D), o (D, N*H),
+  wi (2, F, D) (gate; up), wo (D, F); norm scales as stored."""
+  dtype = jnp.dtype(config.dtype)
+
+  def out_in(kernel, in_dims: int):
+    return kernel.reshape(math.prod(kernel.shape[:in_dims]), -1).T.astype(dtype)
+
+  layers = []
+  for p in unstack_layers(params["layers"], config.num_layers):
+    a = p["attn"]
+    layer = {"q": out_in(a["q"], 1), "kv": jnp.stack([out_in(a["k"], 1), out_in(a["v"], 1)]),
+             "o": out_in(a["o"], 2), "wi": jnp.stack([out_in(p["mlp"]["wi_0"], 1), out_in(p["mlp"]["wi_1"], 1)]),
+             "wo": out_in(p["mlp"]["wo"], 1)}
+    layer.update({name: p[name]["scale"] for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
+                  if name in p})
+    layer.update({name: a[name]["scale"] for name in ("q_norm", "k_norm") if name in a})
+    layers.append(layer)
+  return layers
+
+
+def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
                 cache: dict) -> tuple[jax.Array, dict]:
-  """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V) and the updated cache."""
+  """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V) and the updated cache.
+
+  `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
+  (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H).
+  """
   B = token_B.shape[0]
+  N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
   inv, scale = _setup(config)
   S_max = cache["key_valid"].shape[1]
-  R = cache["slide_k"].shape[2]
+  R = ring_size(config, S_max)
   key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, slot))
   positions = cache["next_position"][:, None]
   slots = jnp.arange(S_max)
   if config.bidirectional:
     raise ValueError("a bidirectional Gemma 3 has no causal decoding")
   full_mask = (key_valid & (slots <= slot)[None, :])[:, None, None, :]
-  ring_slot = slot - jnp.mod(slot - jnp.arange(R), R)  # the absolute slot each ring index holds now
+  ring_index = jnp.mod(slot, R)
+  ring_slot = slot - jnp.mod(slot - jnp.arange(R), R)  # the absolute slot each ring index holds after the write
   in_window = (ring_slot >= 0) & (ring_slot > slot - (config.sliding_window or S_max))
   window_mask = (in_window[None, :] & jnp.take(key_valid, jnp.maximum(ring_slot, 0), axis=1))[:, None, None, :]
-  ring_index = jnp.mod(slot, R)
+  eps = config.rms_norm_eps
+  act = ACTIVATIONS[config.mlp_activation]
 
-  def layer(x, caches, i, ti, sliding):
-    def attend(q, k, v):
-      name, index, mask = ("slide", ring_index, window_mask) if sliding else ("full", slot, full_mask)
-      caches[f"{name}_k"] = jax.lax.dynamic_update_slice(caches[f"{name}_k"], k[None], (ti, 0, index, 0, 0))
-      caches[f"{name}_v"] = jax.lax.dynamic_update_slice(caches[f"{name}_v"], v[None], (ti, 0, index, 0, 0))
-      return dot_product_attention(q, caches[f"{name}_k"][ti], caches[f"{name}_v"][ti], mask=mask, scale=scale,
-                                   softcap=config.attn_logit_softcap)
+  def norm(y, w, axis=0):
+    return rms_norm(y, w, eps=eps, zero_centered=True, axis=axis)
 
-    caches = dict(caches)
-    return gemma.layer_block(config, _layer_params(params, i), x, positions, inv[sliding], attend), caches
+  def heads(y_OB, n):  # (n*H, B) -> (B, 1, n, H)
+    return y_OB.reshape(n, H, B).transpose(2, 0, 1)[:, None]
 
-  kv = {k: cache[k] for k in ("full_k", "full_v", "slide_k", "slide_v")}
-  x, kv = _run_layers(config, _embed(params, config, token_B[:, None]), kv, layer)
-  return _finish(params, config, x)[:, 0], {**kv, "key_valid": key_valid,
-                                            "next_position": cache["next_position"] + 1}
+  x_DB = _embed(params, config, token_B).T
+  new_k, new_v = [], []
+  for i, (p, sliding) in enumerate(zip(layers, config.sliding_layers)):
+    h = norm(x_DB, p["attn_norm"])
+    k, v = jnp.einsum("CID,DB->CIB", p["kv"], h)
+    q, k, v = heads(p["q"] @ h, N), heads(k, K), heads(v, K)
+    if config.qk_norm:
+      q, k = norm(q, p["q_norm"], -1), norm(k, p["k_norm"], -1)
+    q, k = apply_rope(q, positions, inv[sliding]), apply_rope(k, positions, inv[sliding])
+    index, mask = (ring_index, window_mask) if sliding else (slot, full_mask)
+    new_k.append(kv_cache.write(cache["k"][i], k, index))
+    new_v.append(kv_cache.write(cache["v"][i], v, index))
+    attn = cached_attention(q, kv_cache.view(new_k[i], B, K), kv_cache.view(new_v[i], B, K), mask=mask,
+                            scale=scale, softcap=config.attn_logit_softcap)
+    h = p["o"] @ attn.reshape(B, N * H).T
+    if config.sandwich_norms:
+      h = norm(h, p["post_attn_norm"])
+    x_DB = x_DB + h
+    gate, up = jnp.einsum("CFD,DB->CFB", p["wi"], norm(x_DB, p["mlp_norm"]))
+    h = p["wo"] @ (act(gate) * up)
+    if config.sandwich_norms:
+      h = norm(h, p["post_mlp_norm"])
+    x_DB = x_DB + h
+  logits = _finish(params, config, x_DB.T[:, None])[:, 0]
+  return logits, {"k": new_k, "v": new_v, "key_valid": key_valid, "next_position": cache["next_position"] + 1}

@@ -36,6 +36,17 @@ def scan_layers(layer_fn: Callable, x, stacked_params, *, num_layers: int, rng: 
   return x
 
 
+def unstack_layers(stacked_params, num_layers: int) -> list:
+  """The per-layer param trees of a stack, as separate arrays, for incremental decoding.
+
+  A decoding step is bound by reading weights. Indexing a stacked weight inside the step (scan, or a traced
+  layer index) makes XLA:CPU/GPU copy that layer's slice before every matmul, doubling the bytes a step moves
+  (t5-v1_1-small, batch 8: 75 MB of copies per step). Slicing once per generate call, outside the decoding
+  loop, costs one copy of the layer weights and the memory to hold it while the call runs.
+  """
+  return [jax.tree.map(lambda w, i=i: w[i], stacked_params) for i in range(num_layers)]
+
+
 def split_rng(rng: jax.Array | None, n: int) -> list:
   """n keys from `rng`, or n Nones when running without dropout."""
   return [None] * n if rng is None else list(jax.random.split(rng, n))

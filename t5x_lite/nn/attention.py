@@ -36,12 +36,40 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
   `bias` broadcasts to (B, N, T, S). The softmax runs in float32.
   """
   B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  K = k_BSKH.shape[2]
   if _use_cudnn(q_BTNH, softcap):
     return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias, scale=scale)
   G = N // K
   q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
   logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  probs_BKGTS = _attention_probs(logits_BKGTS, mask, bias, scale, softcap).astype(v_BSKH.dtype)
+  out_BTNH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+  return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+
+def cached_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, *, mask: jax.Array | None = None,
+                     bias: jax.Array | None = None, scale: float = 1.0, softcap: float | None = None) -> jax.Array:
+  """`dot_product_attention` over a head-major KV cache (B, K, S, H) -> (B, T, N, H), for decoding steps.
+
+  Caches are stored head-major because both attention matmuls batch over (B, K): the cache then feeds them as
+  it lies, where the (B, S, K, H) layout made XLA transpose the whole cache (self and cross) at every step.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BKSH.shape[1]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32)
+  probs_BKGTS = _attention_probs(logits_BKGTS, mask, bias, scale, softcap).astype(v_BKSH.dtype)
+  out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
+  # Heads stay major in the output: asking the dot for (B, T, K, G, H) made XLA transpose the (N, H, D) output
+  # projection weight at every step instead (2.4 ms of a 9 ms t5-v1_1-small step at batch 1).
+  out_BTNH = out_BKGTH.reshape(B, N, H)[:, None] if T == 1 else out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+
+def _attention_probs(logits_BKGTS, mask, bias, scale, softcap):
+  """Scaled, soft-capped, biased, masked float32 softmax over S of logits (B, K, G, T, S)."""
+  B, K, G, T, S = logits_BKGTS.shape
+  N = K * G
   logits_BKGTS = logits_BKGTS * scale
   if softcap is not None:
     logits_BKGTS = jnp.tanh(logits_BKGTS / softcap) * softcap
@@ -55,10 +83,7 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
     else:
       mask_BKGTS = mask_BKGTS.reshape(mask.shape[0], K, G, T, S)
     logits_BKGTS = jnp.where(mask_BKGTS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-  out_BTNH = out_BTKGH.reshape(B, T, N, H)
-  return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
+  return jax.nn.softmax(logits_BKGTS, axis=-1)
 
 
 def _use_cudnn(q_BTNH: jax.Array, softcap: float | None) -> bool:

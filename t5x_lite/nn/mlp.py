@@ -1,7 +1,6 @@
 """Feed-forward blocks: plain (`relu`) and gated (`gated-gelu`, GeGLU) variants."""
 
 import jax
-import jax.numpy as jnp
 
 from t5x_lite import sharding
 from t5x_lite.nn.dropout import dropout
