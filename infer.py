@@ -34,6 +34,8 @@ def main(argv=None) -> int:
   if args.batch_size < 1 or args.max_new_tokens < 1:
     p.error("--batch-size and --max-new-tokens must be positive")
 
+  from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
+  set_cpu_defaults()
   import t5x_lite  # pylint: disable=import-outside-toplevel
   from t5x_lite import inference  # pylint: disable=import-outside-toplevel
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel

@@ -34,6 +34,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
+  from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
+  set_cpu_defaults()
   import jax  # pylint: disable=import-outside-toplevel
   if args.coordinator_address or args.num_processes:
     # CPU processes reach each other through gloo; the setting only concerns CPU devices, so it is harmless

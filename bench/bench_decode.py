@@ -79,6 +79,9 @@ if ARGS.threads and ARGS.threads < len(_CORES):
   os.sched_setaffinity(0, set(_CORES[:ARGS.threads]))  # before jax starts its thread pool
 THREADS = ARGS.threads or len(_CORES)
 
+from t5x_lite.xla_flags import set_cpu_defaults  # noqa: E402  pylint: disable=wrong-import-position
+
+set_cpu_defaults()  # as train.py / infer.py run: before JAX initialises its backend
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position

@@ -8,10 +8,13 @@ peer runs at its best: torch.set_flush_denormal(True) and the same thread count 
 counts 6 x params x tokens through the stack each token passes (hand count below), over a 2048^2 float32
 matmul peak measured in this run for each framework.
 
-Measured on an idle 2-core AMD EPYC (2 threads each side): ours 11.34 s/step (442 tokens/s, MFU 0.33 of a
-182.9 GFLOP/s XLA peak) vs HF 10.02 s/step (500 tokens/s, 0.44 of a 158.0 GFLOP/s torch peak): 0.88x, short of
-the 2x / 0.45 targets. (A run while another process held a core showed 1.87x: torch's OpenMP threads stall
-under contention, so only idle-machine ratios count.)
+Measured on an idle 2-core AMD EPYC (2 threads each side), 2026-11-23: ours 8.43 s/step (594 tokens/s, MFU 0.39
+of a 210.2 GFLOP/s XLA peak) vs HF 8.26 s/step (606 tokens/s, 0.44 of a 192.0 GFLOP/s torch peak): 0.98x, short of
+the 2x / 0.45 targets (2x would need ~0.8 of XLA's peak, as HF runs at 0.44 of torch's). The previous version
+(before the written-out GELU derivative and XLA:CPU's YNNPACK restricted to matmuls, `t5x_lite/xla_flags.py`)
+measured 11.34 s vs HF 10.02 s (0.88x, MFU 0.33) on a day this machine's peak read 182.9 GFLOP/s; the same
+day's re-run of the old step gave 10.5-11.1 s against 8.2-8.4 s now. (A run while another process held a
+core showed 1.87x: torch's OpenMP threads stall under contention, so only idle-machine ratios count.)
 """
 
 import argparse
@@ -22,6 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from t5x_lite.xla_flags import set_cpu_defaults  # noqa: E402  pylint: disable=wrong-import-position
+
+set_cpu_defaults()  # as train.py / infer.py run: before JAX initialises its backend
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

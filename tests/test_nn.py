@@ -1,5 +1,7 @@
 """Unit checks of the shared blocks against independent facts (T5's bucket table, RoPE identities)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +75,31 @@ def test_gqa_head_mapping_matches_repeat_kv():
   logits = jnp.where(mask, logits, -jnp.inf)
   want = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, -1), v_rep)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_tanh_derivative_equals_autodiff_of_the_formula():
+  from t5x_lite.nn.mlp import gelu_tanh  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(0, 3, 4096).astype(np.float32))
+  w = jnp.asarray(rng.normal(0, 1, 4096).astype(np.float32))
+
+  def loss(act):
+    return lambda y: jnp.sum(jnp.sin(act(y)) * w)
+
+  ours = jax.grad(loss(gelu_tanh))(x)
+  ref = jax.grad(loss(lambda y: jax.nn.gelu(y, approximate=True)))(x)
+  np.testing.assert_array_equal(gelu_tanh(x), jax.nn.gelu(x, approximate=True))
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  # Second derivatives still work (the jvp rule is differentiable).
+  assert np.isfinite(jax.grad(lambda y: jnp.sum(jax.grad(lambda z: jnp.sum(gelu_tanh(z)))(y)))(x)).all()
+
+
+def test_xla_cpu_defaults_keep_the_users_flags(monkeypatch):
+  from t5x_lite import xla_flags  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  xla_flags.set_cpu_defaults()
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                                            *xla_flags.CPU_DEFAULTS]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,reduce")
+  xla_flags.set_cpu_defaults()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
