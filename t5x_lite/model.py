@@ -4,7 +4,6 @@ import contextlib
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import generation, sharding
