@@ -55,8 +55,8 @@ def _gemma_decoder(params, config, ids, mask, beams: int, max_new: int):
     cache = rows(cache, lambda x: kv_cache.repeat_rows(x, beams, B, K), lambda x: _repeat_rows(x, beams, 0))
     first_logits = _repeat_rows(first_logits, beams, 0)
 
-  def step(tokens, cache, t):
-    return gemma_decode.decode_step(params, config, layers, tokens, P + t - 1, cache)
+  def step(tokens, cache, t, vocab_major=False):
+    return gemma_decode.decode_step(params, config, layers, tokens, P + t - 1, cache, vocab_major=vocab_major)
 
   def reorder(cache, index):
     return rows(cache, lambda x: kv_cache.take_rows(x, index, N, K), lambda x: jnp.take(x, index, axis=0))
@@ -89,9 +89,12 @@ def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k:
                         vocab_size=config.vocab_size, limit=limit, done_B=done,
                         first_logits_BV=None if first_logits is None else first_logits[::beams])
     else:
-      out = decode_tokens(step, state, first, max_new_tokens=max_new, eos_id=eos, pad_id=pad, method=method,
+      # Vocabulary-major logits from a tied Gemma head (see decode_tokens).
+      vocab_major = config.family == "gemma" and config.tie_lm_head
+      step_fn = functools.partial(step, vocab_major=True) if vocab_major else step
+      out = decode_tokens(step_fn, state, first, max_new_tokens=max_new, eos_id=eos, pad_id=pad, method=method,
                           temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, first_logits_NV=first_logits,
-                          done_N=done, limit=limit)
+                          done_N=done, limit=limit, vocab_major=vocab_major)
     return out
 
   return jax.jit(generate_tokens)

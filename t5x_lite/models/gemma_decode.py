@@ -146,8 +146,9 @@ def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
 
 
 def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
-                cache: dict) -> tuple[jax.Array, dict]:
-  """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V) and the updated cache.
+                cache: dict, *, vocab_major: bool = False) -> tuple[jax.Array, dict]:
+  """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
+  `vocab_major` and a tied head (see `decoding.loop.decode_tokens`), and the updated cache.
 
   `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
   (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H).
@@ -199,5 +200,11 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if config.sandwich_norms:
       h = norm(h, p["post_mlp_norm"])
     x_DB = x_DB + h
-  logits = _finish(params, config, x_DB.T[:, None])[:, 0]
+  if vocab_major and config.tie_lm_head:
+    x_DB = rms_norm(x_DB, params["final_norm"]["scale"], eps=eps, zero_centered=True, axis=0)
+    logits = (params["embed"]["embedding"].astype(x_DB.dtype) @ x_DB).astype(jnp.float32)  # (V, B)
+    if config.final_logit_softcap is not None:
+      logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
+  else:
+    logits = _finish(params, config, x_DB.T[:, None])[:, 0]
   return logits, {"k": new_k, "v": new_v, "key_valid": key_valid, "next_position": cache["next_position"] + 1}
