@@ -148,7 +148,7 @@ def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
 def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
                 cache: dict, *, vocab_major: bool = False) -> tuple[jax.Array, dict]:
   """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
-  `vocab_major` and a tied head (see `decoding.loop.decode_tokens`), and the updated cache.
+  `vocab_major` (tied heads only; see `decoding.loop.decode_tokens`), and the updated cache.
 
   `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
   (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H).
@@ -200,8 +200,10 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if config.sandwich_norms:
       h = norm(h, p["post_mlp_norm"])
     x_DB = x_DB + h
-  if vocab_major and config.tie_lm_head:
-    x_DB = rms_norm(x_DB, params["final_norm"]["scale"], eps=eps, zero_centered=True, axis=0)
+  if vocab_major:
+    if not config.tie_lm_head:
+      raise ValueError("vocab_major logits need a tied head (an untied (D, V) kernel would be transposed per step)")
+    x_DB = norm(x_DB, params["final_norm"]["scale"])
     logits = (params["embed"]["embedding"].astype(x_DB.dtype) @ x_DB).astype(jnp.float32)  # (V, B)
     if config.final_logit_softcap is not None:
       logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
