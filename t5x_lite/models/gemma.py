@@ -159,10 +159,15 @@ def lm_logits(params: dict, config: GemmaConfig, hidden_BTD: jax.Array) -> jax.A
     logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, params["embed"]["embedding"].astype(hidden_BTD.dtype))
   else:
     logits = hidden_BTD @ params["lm_head"]["kernel"].astype(hidden_BTD.dtype)
-  if config.final_logit_softcap is not None:
-    cap = config.final_logit_softcap
-    logits = jnp.tanh(logits.astype(jnp.float32) / cap) * cap
-  return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+  return sharding.constrain(final_softcap(config, logits), ("act_batch", "act_length", "act_vocab"))
+
+
+def final_softcap(config: GemmaConfig, logits: jax.Array) -> jax.Array:
+  """The final logit soft-cap (Gemma 2), in float32, or the logits unchanged."""
+  if config.final_logit_softcap is None:
+    return logits
+  cap = config.final_logit_softcap
+  return jnp.tanh(logits.astype(jnp.float32) / cap) * cap
 
 
 def forward(params: dict, config: GemmaConfig, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,

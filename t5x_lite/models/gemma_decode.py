@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma
-from t5x_lite.models.layers import embed, unstack_layers
+from t5x_lite.models.layers import embed, heads_from_feature_major, out_in_matrix, unstack_layers
 from t5x_lite.nn.attention import cached_attention, dot_product_attention
 from t5x_lite.nn.mlp import ACTIVATIONS
 from t5x_lite.nn.norms import rms_norm
@@ -130,7 +130,7 @@ def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
   dtype = jnp.dtype(config.dtype)
 
   def out_in(kernel, in_dims: int):
-    return kernel.reshape(math.prod(kernel.shape[:in_dims]), -1).T.astype(dtype)
+    return out_in_matrix(kernel, in_dims, dtype)
 
   layers = []
   for p in unstack_layers(params["layers"], config.num_layers):
@@ -175,7 +175,7 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     return rms_norm(y, w, eps=eps, zero_centered=True, axis=axis)
 
   def heads(y_OB, n):  # (n*H, B) -> (B, 1, n, H)
-    return y_OB.reshape(n, H, B).transpose(2, 0, 1)[:, None]
+    return heads_from_feature_major(y_OB, n, H)
 
   x_DB = _embed(params, config, token_B).T
   new_k, new_v = [], []
@@ -204,9 +204,8 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if not config.tie_lm_head:
       raise ValueError("vocab_major logits need a tied head (an untied (D, V) kernel would be transposed per step)")
     x_DB = norm(x_DB, params["final_norm"]["scale"])
-    logits = (params["embed"]["embedding"].astype(x_DB.dtype) @ x_DB).astype(jnp.float32)  # (V, B)
-    if config.final_logit_softcap is not None:
-      logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
+    logits = gemma.final_softcap(config, params["embed"]["embedding"].astype(x_DB.dtype) @ x_DB)  # (V, B)
+    logits = logits.astype(jnp.float32)
   else:
     logits = _finish(params, config, x_DB.T[:, None])[:, 0]
   return logits, {"k": new_k, "v": new_v, "key_valid": key_valid, "next_position": cache["next_position"] + 1}

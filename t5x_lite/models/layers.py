@@ -1,5 +1,6 @@
 """Helpers every family uses to build and run a stack of identical layers."""
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -45,6 +46,18 @@ def unstack_layers(stacked_params, num_layers: int) -> list:
   loop, costs one copy of the layer weights and the memory to hold it while the call runs.
   """
   return [jax.tree.map(lambda w, i=i: w[i], stacked_params) for i in range(num_layers)]
+
+
+def out_in_matrix(kernel: jax.Array, in_dims: int, dtype) -> jax.Array:
+  """A kernel (in..., out...) with `in_dims` input axes as a 2-D (out, in) matrix in `dtype`: the layout the
+  decoding steps multiply feature-major activations (in, B) with (see `models/t5.py`, incremental decoding)."""
+  n_in = math.prod(kernel.shape[:in_dims])
+  return kernel.reshape(n_in, -1).T.astype(dtype)
+
+
+def heads_from_feature_major(y_OB: jax.Array, num_heads: int, head_dim: int) -> jax.Array:
+  """(num_heads * head_dim, B) projections of one decoding position -> (B, 1, num_heads, head_dim)."""
+  return y_OB.reshape(num_heads, head_dim, y_OB.shape[-1]).transpose(2, 0, 1)[:, None]
 
 
 def split_rng(rng: jax.Array | None, n: int) -> list:

@@ -15,15 +15,14 @@ T5 quirks kept on purpose: no 1/sqrt(H) attention scaling; the bias comes from r
 D**-0.5 only when `scale_decoder_outputs`.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
 from t5x_lite.config import T5Config
 from t5x_lite.decoding import kv_cache
-from t5x_lite.models.layers import dense, embed, scan_layers, split_rng, unstack_layers
+from t5x_lite.models.layers import (dense, embed, heads_from_feature_major, out_in_matrix, scan_layers, split_rng,
+                                   unstack_layers)
 from t5x_lite.models.params import ParamSpec
 from t5x_lite.nn import masks
 from t5x_lite.nn.attention import cached_attention, dot_product_attention, merge_heads, project_heads
@@ -258,9 +257,7 @@ def decoder_layer_params(params: dict, config: T5Config) -> list[dict]:
   dtype = jnp.dtype(config.dtype)
 
   def out_in(kernel, in_dims: int):
-    """(in..., out...) -> (out, in) in the compute dtype."""
-    n_in = math.prod(kernel.shape[:in_dims])
-    return kernel.reshape(n_in, -1).T.astype(dtype)
+    return out_in_matrix(kernel, in_dims, dtype)
 
   layers = []
   for p in unstack_layers(params["decoder"]["layers"], config.num_decoder_layers):
@@ -285,7 +282,7 @@ def init_decoder_cache(config: T5Config, batch: int, max_length: int) -> dict:
   shape = (batch, config.num_heads, max_length, config.head_dim)
   dtype = jnp.dtype(config.dtype)
   L = config.num_decoder_layers
-  return {"k": [kv_cache.zeros(*shape, dtype) for _ in range(L)], "v": [kv_cache.zeros(*shape, dtype) for _ in range(L)]}
+  return {name: [kv_cache.zeros(*shape, dtype) for _ in range(L)] for name in ("k", "v")}
 
 
 def cross_attention_kv(layers: list[dict], config: T5Config, encoded_BSD: jax.Array) -> dict:
@@ -322,7 +319,7 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
   x_DB = embed(params["embed"]["embedding"], token_B, dtype).T
 
   def heads(y_OB):  # (N*H, B) -> (B, 1, N, H)
-    return y_OB.reshape(N, H, B).transpose(2, 0, 1)[:, None]
+    return heads_from_feature_major(y_OB, N, H)
 
   def attend_out(w_DO, attn_B1NH):  # output projection back to (D, B)
     return w_DO @ attn_B1NH.reshape(B, N * H).T

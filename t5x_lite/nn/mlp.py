@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from t5x_lite import sharding
 from t5x_lite.nn.dropout import dropout
 
+
 @jax.custom_jvp
 def gelu_tanh(x: jax.Array) -> jax.Array:
   """The tanh approximation of GELU (transformers' `gelu_new` and `gelu_pytorch_tanh`), as `jax.nn.gelu`.

@@ -45,11 +45,12 @@ def unigram_entropy(tokenizer, texts: list[str]) -> float:
 
 @gin.configurable(denylist=["workdir"])
 def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), tokenizer_dir: str | None = None,
-        tokenizer_family: str = "t5", spm_vocab_size: int = 2000, max_documents: int | None = None, sample_prompts: tuple[str, ...] = (),
-        sample_max_new_tokens: int = 24, seed: int = 0) -> dict:
+        tokenizer_family: str = "t5", spm_vocab_size: int = 2000, max_documents: int | None = None,
+        sample_prompts: tuple[str, ...] = (), sample_max_new_tokens: int = 24, seed: int = 0) -> dict:
   """corpus "stdlib": the installed standard library's docstrings with a sentencepiece model trained on them
   (kept in WORKDIR so a resumed run reuses it); "files": `files` (text/JSONL) with the tokenizer in
-  `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model). After training, the latest checkpoint is loaded and greedy-decodes `sample_prompts`."""
+  `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model). After training, the
+  latest checkpoint is loaded and greedy-decodes `sample_prompts`."""
   os.makedirs(workdir, exist_ok=True)
   if corpus == "stdlib":
     train_docs, eval_docs = split_train_eval(stdlib_docstrings(max_documents))
