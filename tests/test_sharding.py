@@ -13,6 +13,15 @@ from t5x_lite import sharding
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 
 
+
+def assert_close_at_scale(actual, desired, rel=5e-6):
+  """Sharded vs single-device float32 results: the reductions split differently across devices, so they agree
+  to summation-order noise measured against the tensor's scale (max |desired|), not per element (measured:
+  1.3e-6 of the logit scale)."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=0, atol=rel * float(np.abs(desired).max()))
+
+
 def test_mesh_from_spec():
   mesh = t5x_lite.make_mesh("data:2,fsdp:2,tensor:2")
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -67,8 +76,8 @@ def test_sharded_logits_equal_unsharded(checkpoint, spec):
   if spec == "tensor:8":
     assert expect == P(None, None, None, None)  # 4 heads on 8 devices: replicated, not an error
     assert sharded.params["encoder"]["layers"]["mlp"]["wi_0"].sharding.spec == P(None, None, "tensor")
-  np.testing.assert_allclose(sharded.logits(ids, mask, dec), single.logits(ids, mask, dec), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(sharded.encode(ids, mask), single.encode(ids, mask), rtol=1e-5, atol=1e-5)
+  assert_close_at_scale(sharded.logits(ids, mask, dec), single.logits(ids, mask, dec))
+  assert_close_at_scale(sharded.encode(ids, mask), single.encode(ids, mask))
 
 
 def test_orbax_checkpoint_restores_sharded(checkpoint, tmp_path):
@@ -79,7 +88,7 @@ def test_orbax_checkpoint_restores_sharded(checkpoint, tmp_path):
   mesh = t5x_lite.make_mesh("data:2,fsdp:2,tensor:2")
   restored = t5x_lite.load(str(tmp_path / "ckpt"), mesh=mesh)
   assert restored.params["decoder"]["layers"]["mlp"]["wo"].sharding.spec == P(None, "tensor", "fsdp")
-  np.testing.assert_allclose(restored.logits(ids, None, dec), single.logits(ids, None, dec), rtol=1e-5, atol=1e-5)
+  assert_close_at_scale(restored.logits(ids, None, dec), single.logits(ids, None, dec))
 
 
 @pytest.fixture(scope="module")
@@ -103,4 +112,4 @@ def test_gemma_sharded_equals_unsharded(gemma_checkpoint, spec):
   mesh = t5x_lite.make_mesh(spec)
   sharded = t5x_lite.load(gemma_checkpoint, mesh=mesh, progress=False)
   assert sharded.params["layers"]["attn"]["k"].sharding.spec[2] is None  # kv heads replicated
-  np.testing.assert_allclose(sharded.logits(ids, mask), single.logits(ids, mask), rtol=1e-5, atol=1e-5)
+  assert_close_at_scale(sharded.logits(ids, mask), single.logits(ids, mask))

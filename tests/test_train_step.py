@@ -74,7 +74,12 @@ def test_accumulation_equals_one_big_batch(tmp_path, opt_name):
   g4, _ = jax.jit(make_train_step(model.config, sgd, sched, accumulation_steps=4))(
       _init(model.config, model.params, sgd), batch, None)
   grads = jax.tree.map(lambda p, q: p - q, model.params, g1["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1["params"], g4["params"])
+  grads4 = jax.tree.map(lambda p, q: p - q, model.params, g4["params"])
+  # Float32 summation order differs between one batch and four micro-batches: agreement is measured against
+  # each tensor's gradient scale (measured: every leaf within 6e-6 of its max |g|), not per element, since an
+  # element whose gradient terms cancel keeps only the rounding noise.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.abs(a).max())),
+               grads, grads4)
   # The optimizer step: Adam moves a parameter by lr * g / (|g| + eps), which turns float summation-order
   # differences of a gradient near eps into visible ones (measured: |g| = 1.3e-7 moved 0.56% of a 0.01 step).
   # Parameters whose gradient is 100x eps or more must agree to 0.1% of a step.

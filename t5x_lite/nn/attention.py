@@ -1,8 +1,9 @@
 """Multi-head attention core shared by every family: MHA, GQA and MQA, bias, masks, soft-capping.
 
 On GPU, multi-token attention in bfloat16/float16 without soft-capping goes to cuDNN's fused kernel through
-`jax.nn.dot_product_attention`; everything else (CPU, TPU, decode steps, soft-capped Gemma 2) uses the einsum
-path below, which XLA fuses itself. `T5X_LITE_ATTENTION=xla` forces the einsum path everywhere.
+`jax.nn.dot_product_attention`; other multi-token attention (CPU, TPU, soft-capped Gemma 2) goes to
+`attention_core.attend`, whose written-out backward recomputes the probabilities instead of storing them;
+decoding steps read the KV cache through the einsums below. `T5X_LITE_ATTENTION=xla` turns cuDNN off.
 """
 
 import os
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
+from t5x_lite.nn.attention_core import additive_mask, attend
 
 IMPLEMENTATION = os.environ.get("T5X_LITE_ATTENTION", "auto")  # auto | xla
 
@@ -35,15 +37,10 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
   minimum (not -inf), so a fully masked row averages uniformly instead of producing NaN, like HF eager.
   `bias` broadcasts to (B, N, T, S). The softmax runs in float32.
   """
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
+  N = q_BTNH.shape[2]
   if _use_cudnn(q_BTNH, softcap):
     return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias, scale=scale)
-  G = N // K
-  q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-  probs_BKGTS = _attention_probs(logits_BKGTS, mask, bias, scale, softcap).astype(v_BSKH.dtype)
-  out_BTNH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(B, T, N, H)
+  out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, additive_mask(mask, bias, N), scale=scale, softcap=softcap)
   return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
 
 
