@@ -16,6 +16,12 @@ too); the default is now 6 steps. The previous version of our step (before the w
 and XLA:CPU's YNNPACK restricted to matmuls, `t5x_lite/xla_flags.py`) ran 10.5-11.1 s in same-day runs. (A run
 while another process held a core showed 1.87x: torch's OpenMP threads stall under contention, so only
 idle-machine ratios count.)
+
+Later the same day, after training attention moved to `nn/attention_core.py` (a written-out backward that
+recomputes the probabilities; back-to-back A/B of our step 8.4-9.6 -> 7.4-8.0 s), on a machine that measured
+noisier throughout: two runs gave ours 8.58 / 8.32 s vs HF 8.10 / 7.74 s, i.e. 0.94x / 0.93x, MFU 0.49 / 0.43 of
+XLA peaks measured at 166 / 191 GFLOP/s in those runs. The 0.45 MFU target is at the edge of run-to-run noise;
+2x stays beyond the peak.
 """
 
 import argparse
