@@ -2,11 +2,11 @@
 
     out = softmax(cap(scale * q k^T) + logit_bias) v          cap(x) = softcap * tanh(x / softcap), optional
 
-The forward keeps only each row's max and log-sum (B, K, G*T) for the backward, which recomputes the probabilities from
-q and k, as flash attention does. Autodiff of the plain formula instead stores the (B, N, T, S) probabilities of
-every layer: inside `lax.scan` those land in a stacked buffer that XLA zero-fills and copies into per step
-(400 MB for the t5-v1_1-small encoder at batch 8 x 512), and it transposes the (B, N, T, S) tensors to feed the
-gradient matmuls (XLA:CPU transposes run at 2-5 GB/s). Here every matmul takes the (., T, S) tensors as they lie:
+The forward keeps only each row's max and log-sum (B, K, G*T) for the backward, which recomputes the probabilities
+from q and k, as flash attention does. Autodiff of the plain formula instead stores the (B, N, T, S) probabilities
+of every layer: inside `lax.scan` those land in a stacked buffer that XLA zero-fills and copies into per step
+(400 MB for the t5-v1_1-small encoder at batch 8 x 512), and it transposes the (B, N, T, S) tensors to feed the gradient
+matmuls (XLA:CPU transposes run at 2-5 GB/s). Here every matmul takes the (., T, S) tensors as they lie:
 
     dV^T = dO^T P         dP = dO V^T          dS = P * (dP - rowsum(dO * O))
     dQ = dS K             dK^T = Q^T dS        (heads of a GQA group share K, V: their rows stack on one axis)
