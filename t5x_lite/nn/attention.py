@@ -37,10 +37,9 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
   minimum (not -inf), so a fully masked row averages uniformly instead of producing NaN, like HF eager.
   `bias` broadcasts to (B, N, T, S). The softmax runs in float32.
   """
-  N = q_BTNH.shape[2]
   if _use_cudnn(q_BTNH, softcap):
     return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias, scale=scale)
-  out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, additive_mask(mask, bias, N), scale=scale, softcap=softcap)
+  out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, additive_mask(mask, bias), scale=scale, softcap=softcap)
   return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 NEG_INF = jnp.finfo(jnp.float32).min
 
 
-def additive_mask(mask, bias, num_heads: int):
+def additive_mask(mask, bias):
   """`bias` (broadcastable to (B, N, T, S), float) with masked-out places (mask False) set to the float32 minimum.
 
   Either may be None; returns None when both are. A fully masked row then averages uniformly (every logit is the
@@ -31,11 +31,7 @@ def additive_mask(mask, bias, num_heads: int):
   """
   if mask is None:
     return None if bias is None else bias.astype(jnp.float32)
-  if bias is None:
-    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
-  if mask.ndim == bias.ndim and mask.shape[1] == 1 and bias.shape[1] != 1:
-    mask = jnp.broadcast_to(mask, mask.shape[:1] + (num_heads,) + mask.shape[2:])
-  return jnp.where(mask, bias.astype(jnp.float32), NEG_INF)
+  return jnp.where(mask, 0.0 if bias is None else bias.astype(jnp.float32), NEG_INF).astype(jnp.float32)
 
 
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, logit_bias: jax.Array | None, *,
@@ -61,10 +57,14 @@ def _from_rows(x_BKMH, T):
   return x_BKMH.reshape(B, K, M // T, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, K * (M // T), H)
 
 
-def _bias_5d(logit_bias, K, T):
+def _bias_5d_shape(shape, K):
   """(b, n, t, s) with n in {1, N} -> (b, 1 or K, 1 or G, t, s): broadcasts against logits (B, K, G, T, S)."""
-  b, n, t, s = logit_bias.shape
-  return logit_bias.reshape(b, 1, 1, t, s) if n == 1 else logit_bias.reshape(b, K, n // K, t, s)
+  b, n, t, s = shape
+  return (b, 1, 1, t, s) if n == 1 else (b, K, n // K, t, s)
+
+
+def _bias_5d(logit_bias, K):
+  return logit_bias.reshape(_bias_5d_shape(logit_bias.shape, K))
 
 
 def _logits(q_BKMH, k_BKSH, logit_bias, scale, softcap, T):
@@ -76,7 +76,7 @@ def _logits(q_BKMH, k_BKSH, logit_bias, scale, softcap, T):
     logits = capped * softcap
   if logit_bias is not None:
     B, K, M, S = logits.shape
-    logits = (logits.reshape(B, K, M // T, T, S) + _bias_5d(logit_bias, K, T)).reshape(B, K, M, S)
+    logits = (logits.reshape(B, K, M // T, T, S) + _bias_5d(logit_bias, K)).reshape(B, K, M, S)
   return logits, capped
 
 
@@ -90,19 +90,19 @@ def _attend_fwd(q_BTNH, k_BSKH, v_BSKH, logit_bias, scale, softcap):
   K = k_BSKH.shape[2]
   logits, _ = _logits(_to_rows(q_BTNH, K), k_BSKH.transpose(0, 2, 1, 3), logit_bias, scale, softcap, T)
   # Normalised by division as jax.nn.softmax does (exp(x - lse) rounds through the log: ~1e-6 relative in the
-  # forward); the backward's recomputation uses the log-sum-exp.
-  max_BKM = jax.lax.stop_gradient(logits.max(axis=-1))
+  # forward); the backward recomputes from the kept max and log-sum.
+  max_BKM = logits.max(axis=-1)
   unnormalised = jnp.exp(logits - max_BKM[..., None])
   total_BKM = unnormalised.sum(axis=-1)
   probs = (unnormalised / total_BKM[..., None]).astype(v_BSKH.dtype)
   # Kept apart, not as max + log(total): next to a masked row's max (the float32 minimum) log(total) rounds away.
-  lse_BKM = (max_BKM, jnp.log(total_BKM))
+  row_max_logsum = (max_BKM, jnp.log(total_BKM))
   out_BTNH = _from_rows(jnp.einsum("BKMS,BKSH->BKMH", probs, v_BSKH.transpose(0, 2, 1, 3)), T)
-  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, logit_bias, out_BTNH, lse_BKM)
+  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, logit_bias, out_BTNH, row_max_logsum)
 
 
 def _attend_bwd(scale, softcap, residuals, dout_BTNH):
-  q_BTNH, k_BSKH, v_BSKH, logit_bias, out_BTNH, lse_BKM = residuals
+  q_BTNH, k_BSKH, v_BSKH, logit_bias, out_BTNH, (max_BKM, logsum_BKM) = residuals
   T = q_BTNH.shape[1]
   K = k_BSKH.shape[2]
   dtype = q_BTNH.dtype
@@ -111,7 +111,7 @@ def _attend_bwd(scale, softcap, residuals, dout_BTNH):
   v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
   dout_BKMH = _to_rows(dout_BTNH.astype(dtype), K)
   logits, capped = _logits(q_BKMH, k_BKSH, logit_bias, scale, softcap, T)
-  probs = jnp.exp((logits - lse_BKM[0][..., None]) - lse_BKM[1][..., None])
+  probs = jnp.exp((logits - max_BKM[..., None]) - logsum_BKM[..., None])
   # rowsum(P * dP) = rowsum(dO * O): one (B, T, N, H) product instead of a pass over (B, N, T, S).
   delta_BKM = _to_rows(dout_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), K).sum(-1)
   dprobs = jnp.einsum("BKMH,BKSH->BKMS", dout_BKMH, v_BKSH, preferred_element_type=jnp.float32)
@@ -120,7 +120,7 @@ def _attend_bwd(scale, softcap, residuals, dout_BTNH):
     # Masked places get no gradient, as if the mask selected (jnp.where) rather than added: it matters only in a
     # fully masked row, whose uniform average otherwise passes a gradient to q and k through rounding noise.
     B, _, M, S = dlogits.shape
-    masked = _bias_5d(logit_bias, K, T) == NEG_INF
+    masked = _bias_5d(logit_bias, K) == NEG_INF
     dlogits = jnp.where(masked, 0.0, dlogits.reshape(B, K, M // T, T, S)).reshape(B, K, M, S)
   dv_BKHS = jnp.einsum("BKMH,BKMS->BKHS", dout_BKMH, probs.astype(dtype))
   draw = dlogits if softcap is None else dlogits * (1.0 - capped * capped)
@@ -136,7 +136,7 @@ def _bias_grad(dlogits_BKMS, shape, K, T):
   """The (B, K, G*T, S) logit gradient summed down to the bias' shape (b, n, t, s)."""
   B, _, M, S = dlogits_BKMS.shape
   g = dlogits_BKMS.reshape(B, K, M // T, T, S)
-  target = _bias_5d(jnp.zeros(shape, jnp.float32), K, T).shape
+  target = _bias_5d_shape(shape, K)
   axes = tuple(i for i, (have, want) in enumerate(zip(g.shape, target)) if want == 1 and have != 1)
   return (g.sum(axes, keepdims=True) if axes else g).reshape(shape)
 
