@@ -1,10 +1,26 @@
 """t5x_lite: T5 and Gemma families in JAX, numerically matching transformers.
 
 Public contract (see README): `load`, `Model`, `ConversionError`, `make_mesh`, and `t5x_lite.data`.
+
+The names load on first use (PEP 562 module `__getattr__`): the entry points import small modules of this package
+(`xla_flags`, `huge_pages`) that must run before JAX is imported, and `huge_pages` may re-execute the process,
+so importing the package itself must not pull in JAX (1.3 s).
 """
 
-from t5x_lite.errors import ConversionError
-from t5x_lite.model import Model, load
-from t5x_lite.sharding import make_mesh
+import importlib
+import importlib.util
 
-__all__ = ["ConversionError", "Model", "load", "make_mesh"]
+_EXPORTS = {"ConversionError": "t5x_lite.errors", "Model": "t5x_lite.model", "load": "t5x_lite.model",
+            "make_mesh": "t5x_lite.sharding"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a subpackage, e.g. t5x_lite.data
+    value = importlib.import_module(f"{__name__}.{name}")
+  else:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  globals()[name] = value
+  return value
