@@ -60,4 +60,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from t5x_lite.malloc_tunables import reexec_with_malloc_tunables
+  reexec_with_malloc_tunables()  # before anything else: it may replace this process (see the module)
   sys.exit(main())

@@ -48,6 +48,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from t5x_lite.malloc_tunables import reexec_with_malloc_tunables  # noqa: E402  pylint: disable=wrong-import-position
+
+reexec_with_malloc_tunables()  # as infer.py starts (t5x_lite/malloc_tunables.py); the setting serves HF alike
+
 PROMPT, NEW = 128, 64
 GB = 1e9
 
@@ -153,6 +157,7 @@ def header() -> None:
       f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
   say(f"run     : models {','.join(ARGS.models)}, batches {ARGS.batches}, prompt {PROMPT}, new {NEW}, "
       f"{ARGS.reps} timed runs per case (median), gemma vocab {ARGS.gemma_vocab}")
+  say(f"malloc  : GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}")
   say("=" * 100)
 
 

@@ -3,8 +3,8 @@
 Public contract (see README): `load`, `Model`, `ConversionError`, `make_mesh`, and `t5x_lite.data`.
 
 The names load on first use (PEP 562 module `__getattr__`): the entry points import small modules of this package
-(`xla_flags`, `huge_pages`) that must run before JAX is imported, and `huge_pages` may re-execute the process,
-so importing the package itself must not pull in JAX (1.3 s).
+(`xla_flags`, `malloc_tunables`) that must run before JAX is imported, and `malloc_tunables` may re-execute the
+process, so importing the package itself must not pull in JAX (1.3 s).
 """
 
 import importlib
