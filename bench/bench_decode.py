@@ -337,7 +337,8 @@ class Case:
   def ours_first(self, B):
     """The same compiled program as `generate`, its traced limit at 1: encoder/prefill and the first token."""
     m = self.ours
-    ids, mask, _ = m._bucketed_prompt(self.prompts[:B], np.ones((B, PROMPT), np.int32))  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    ids, mask, _ = m._bucketed_prompt(self.prompts[:B], np.ones((B, PROMPT), np.int32))
     fn = generation.generate_fn(m.config, max_new=buckets.bucket(NEW), method="greedy", temperature=1.0, top_k=0,
                                 top_p=1.0, num_beams=4, length_penalty=1.0, brevity="hf")
     out = fn(m.params, ids, mask, np.int32(1), jax.random.key(0), np.zeros(ids.shape[0], bool))
@@ -414,7 +415,8 @@ def report(kind: str, results: list[dict], peaks: dict) -> None:
            f"{r['ours_first'] * 1e3:.0f}"]
     if hf:
       row += [f"{B * NEW / r['hf_e2e']:.1f}", f"{B / r['hf_step']:.1f}", f"{r['hf_step'] * 1e3:.1f}",
-              f"{r['hf_first'] * 1e3:.0f}", f"{r['hf_e2e'] / r['ours_e2e']:.2f}x", f"{r['hf_step'] / r['ours_step']:.2f}x",
+              f"{r['hf_first'] * 1e3:.0f}", f"{r['hf_e2e'] / r['ours_e2e']:.2f}x",
+              f"{r['hf_step'] / r['ours_step']:.2f}x",
               f"{r['rows_equal']}/{B} ({r['token_agree'] * 100:.1f}%)"]
     rows.append(row)
   heads = ["batch", "ours tok/s e2e", "ours tok/s decode", "ours ms/step", "ours first ms"]

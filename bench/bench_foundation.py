@@ -285,7 +285,7 @@ def _child_warm_up() -> None:
   """Imports and backend start-up that every measured phase would otherwise count."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import t5x_lite  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  import t5x_lite.model  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (the package is lazy)
   import t5x_lite.tokenizer  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   jax.block_until_ready(jnp.zeros(8) + 1)
 

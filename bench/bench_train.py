@@ -114,9 +114,11 @@ def main():
   enc = rng.integers(2, 32000, (B, S)).astype(np.int32)
   labels = rng.integers(2, 32000, (B, T)).astype(np.int32)
   dec_in = np.concatenate([np.zeros((B, 1), np.int32), labels[:, :-1]], axis=1)
-  batch = {"input_ids": enc, "encoder_segment_ids": np.ones_like(enc), "encoder_positions": np.tile(np.arange(S), (B, 1)),
-           "decoder_input_ids": dec_in, "decoder_target_ids": labels, "decoder_segment_ids": np.ones_like(labels),
-           "decoder_positions": np.tile(np.arange(T), (B, 1)), "decoder_loss_weights": np.ones(labels.shape, np.float32)}
+  batch = {"input_ids": enc, "encoder_segment_ids": np.ones_like(enc),
+           "encoder_positions": np.tile(np.arange(S), (B, 1)), "decoder_input_ids": dec_in,
+           "decoder_target_ids": labels, "decoder_segment_ids": np.ones_like(labels),
+           "decoder_positions": np.tile(np.arange(T), (B, 1)),
+           "decoder_loss_weights": np.ones(labels.shape, np.float32)}
   batch = jax.tree.map(jnp.asarray, batch)
   opt = optax.adamw(1e-4)
   params = init_params(specs, jax.random.key(0))

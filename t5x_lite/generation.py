@@ -1,7 +1,8 @@
 """Wires each family's incremental-decoding functions to the model-agnostic decoding core.
 
 `generate_fn(config, ...)` returns a jitted `generate_tokens`: (params, ids, mask, limit, rng, done) ->
-(B, max_new) tokens; `score_fn(config)` a jitted `score_targets`: (params, ids, mask, targets) -> (B,) log-probabilities.
+(B, max_new) tokens; `score_fn(config)` a jitted `score_targets`: (params, ids, mask, targets) -> (B,)
+log-probabilities.
 """
 
 import functools

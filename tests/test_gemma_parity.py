@@ -1,8 +1,5 @@
 """Logit parity with transformers for Gemma 1 / 2 / 3 (text), on tiny random models built in the test."""
 
-import json
-import os
-
 import numpy as np
 import pytest
 import torch

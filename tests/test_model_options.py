@@ -27,7 +27,8 @@ GEMMA_FORWARD = _jit_forward(gemma)
 
 def _t5_batch():
   rng = np.random.default_rng(0)
-  return (jnp.asarray(rng.integers(2, 64, (2, 9))), jnp.ones((2, 9), jnp.int32), jnp.asarray(rng.integers(2, 64, (2, 5))))
+  return (jnp.asarray(rng.integers(2, 64, (2, 9))), jnp.ones((2, 9), jnp.int32),
+          jnp.asarray(rng.integers(2, 64, (2, 5))))
 
 
 def test_dropout_needs_a_key_and_is_deterministic_per_key():

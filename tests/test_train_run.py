@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 TINY = [
     f"--gin.TRAIN_STEPS={STEPS}", "--gin.SAVE_EVERY=1", "--gin.BATCH_SIZE=4",
-    "--gin.run.max_documents=400", "--gin.run.spm_vocab_size=300", "--gin.run.sample_prompts=['Return the <extra_id_0>.']",
+    "--gin.run.max_documents=400", "--gin.run.spm_vocab_size=300",
+    "--gin.run.sample_prompts=['Return the <extra_id_0>.']",
     "--gin.run.sample_max_new_tokens=4", "--gin.train.log_every=1", "--gin.train.eval_every=0",
     "--gin.T5Config.vocab_size=448", "--gin.T5Config.d_model=32", "--gin.T5Config.num_heads=2",
     "--gin.T5Config.head_dim=16", "--gin.T5Config.d_ff=64", "--gin.T5Config.dropout_rate=0.1",

@@ -23,8 +23,9 @@ def decode_tokens(step_fn: Callable, state, first_tokens_N: jax.Array | None, *,
   Either `first_tokens_N` is fed at step 0 (encoder-decoders: the decoder start token), or `first_logits_NV`
   (decoder-only: the prefill's last logits) give the first choice directly. `done_N` marks rows that need no
   output (batch padding) so they do not hold the loop open. `limit` (may be traced) stops after that many tokens,
-  so the output width can be a shape bucket while the work follows the request. Sampling draws with `fold_in(rng, t)` so a row's
-  tokens depend only on the seed and step, not on how many steps ran before early exit.
+  so the output width can be a shape bucket while the work follows the request. Sampling draws with
+  `fold_in(rng, t)` so a row's tokens depend only on the seed and step, not on how many steps ran before early
+  exit.
 
   `vocab_major`: step_fn's logits are (V, N). A tied head computes them as embedding (V, D) @ x (D, N), which
   XLA:CPU runs ~1.6x faster at batch 8 than x @ embedding^T; greedy then takes the argmax over axis 0 as they

@@ -2,8 +2,9 @@
 
 A step directory holds `params`, `opt_state`, `data` (the input iterator's state, JSON) and `config` (the
 model config, JSON), so a workdir is self-describing: `t5x_lite.load(workdir)` reads the params and config of
-its latest checkpoint without knowing the optimizer. Orbax writes into a temporary directory and renames it when complete, so a process killed
-at any moment (kill -9 included) leaves the previous checkpoint loadable; `latest_step` only sees finished ones.
+its latest checkpoint without knowing the optimizer. Orbax writes into a temporary directory and renames it when
+complete, so a process killed at any moment (kill -9 included) leaves the previous checkpoint loadable;
+`latest_step` only sees finished ones.
 """
 
 import json
