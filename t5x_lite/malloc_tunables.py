@@ -13,10 +13,10 @@ every page: 1.2 million page faults and ~3 s of system time per train step (b8, 
     glibc.malloc.hugetlb=1         the heap is advised MADV_HUGEPAGE (2 MiB pages where the kernel's THP mode is
                                    `madvise`), for the first touch and for fewer TLB misses
 
-Measured on a 2-core EPYC VM, t5-v1_1-small train step, back-to-back runs: default 8.0-8.3 s, 1.2 M faults and
-2.7-3.2 s system time per step; hugetlb alone 7.0 s (170 k faults, 1.2 s system); all four 6.5 / 7.2 s against
-7.6 / 8.4 s for hugetlb alone in the same (noisier) hour, 0 faults and 0.05 s system time; peak RSS unchanged
-(4.2 GB). T5 decoding at batch 32: time to first token (encoder) 1.29 vs 1.62 s. The process keeps its peak
+Measured on a 2-core EPYC VM, t5-v1_1-small train step, median of 5, three alternating pairs: glibc's defaults
+9.05-9.45 s (1.2 M faults, 3.1-3.6 s system time per step), all four 6.75-6.93 s (0 faults, 0.05 s system);
+hugetlb alone, in another hour, 7.5-7.8 s against 6.85-7.07 s for all four (140 k faults, 1.15 s system); peak
+RSS unchanged (4.2 GB). T5 decoding at batch 32: time to first token (encoder) 1.29 vs 1.62 s. The process keeps its peak
 memory until it exits, which suits one long training or inference run. In-process alternatives fall short:
 mallopt() cannot reach the arenas already created, and no allocator setting reaches an already running glibc.
 """
