@@ -16,9 +16,10 @@ every page: 1.2 million page faults and ~3 s of system time per train step (b8, 
 Measured on a 2-core EPYC VM, t5-v1_1-small train step, median of 5, three alternating pairs: glibc's defaults
 9.05-9.45 s (1.2 M faults, 3.1-3.6 s system time per step), all four 6.75-6.93 s (0 faults, 0.05 s system);
 hugetlb alone, in another hour, 7.5-7.8 s against 6.85-7.07 s for all four (140 k faults, 1.15 s system); peak
-RSS unchanged (4.2 GB). T5 decoding at batch 32: time to first token (encoder) 1.29 vs 1.62 s. The process keeps its peak
-memory until it exits, which suits one long training or inference run. In-process alternatives fall short:
-mallopt() cannot reach the arenas already created, and no allocator setting reaches an already running glibc.
+RSS unchanged (4.2 GB). T5 decoding at batch 32: time to first token (encoder) 1.29 vs 1.62 s. The process keeps its
+peak memory until it exits, which suits one long training or inference run. The in-process alternative falls
+short: mallopt(M_ARENA_MAX 1, M_MMAP_MAX 0, M_TRIM_THRESHOLD 2^31 - 1, the most its int takes) before JAX is
+imported still left 670 k faults and 2.0-2.4 s of system time per step, and hugetlb has no mallopt.
 """
 
 import os
