@@ -13,7 +13,6 @@ from t5x_lite import sharding
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 
 
-
 def assert_close_at_scale(actual, desired, rel=5e-6):
   """Sharded vs single-device float32 results: the reductions split differently across devices, so they agree
   to summation-order noise measured against the tensor's scale (max |desired|), not per element (measured:
