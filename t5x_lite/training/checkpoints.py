@@ -68,12 +68,6 @@ def latest_checkpoint(workdir: str) -> str | None:
   return None if step is None else os.path.join(directory, str(step))
 
 
-def abstract_like(tree):
-  """ShapeDtypeStructs with shardings, for restoring into the same placement as `tree`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                      tree)
-
-
 def load_run_params(workdir: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
   """(config, params, step) from the latest checkpoint of a train.py workdir, placed on `mesh` if given."""
   # Imported here: convert/ knows nothing of training, and this is the one bridge between them.

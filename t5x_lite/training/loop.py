@@ -25,9 +25,9 @@ from t5x_lite import sharding
 from t5x_lite.convert.checkpoint import config_to_json
 from t5x_lite.convert.families import family_of_config
 from t5x_lite.data.pipeline import DataConfig, make_batches
-from t5x_lite.models.params import axes_tree, init_params
+from t5x_lite.models.params import axes_tree, init_params, is_spec
 from t5x_lite.training import optimizers
-from t5x_lite.training.checkpoints import RunCheckpoints, abstract_like
+from t5x_lite.training.checkpoints import RunCheckpoints
 from t5x_lite.training.metrics import MetricsWriter, measure_matmul_peak
 from t5x_lite.training.step import make_eval_step, make_train_step
 
@@ -87,29 +87,45 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
                                        accumulation_steps=accumulation_steps), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(config))
 
+  # One compiled program builds the whole state from params; its output shardings are the opt_state's
+  # placement (sharding propagation decides it, e.g. for Adafactor's factored moments). Resuming restores straight
+  # into that abstract state, so neither the initial params nor an `init_params_from` checkpoint is materialised
+  # next to the restored one (that doubled the start-up memory and loaded the base model on every restart).
+  param_dtype = jnp.dtype(config.param_dtype)
+  abstract_params = jax.tree.map(lambda spec, s: jax.ShapeDtypeStruct(spec.shape, param_dtype, sharding=s),
+                                 specs, param_shardings, is_leaf=is_spec)
+  make_state = jax.jit(lambda p: {"step": jnp.int32(0), "params": p, "opt_state": opt.init(p)}).lower(
+      abstract_params).compile()
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                make_state.out_info, make_state.output_shardings)
+
   def fresh_state():
     if init_params_from:
       from t5x_lite.model import load  # pylint: disable=import-outside-toplevel
       params = load(init_params_from, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh,
                     progress=progress).params
+      check_params_match(params, abstract_params, init_params_from)
+      params = jax.device_put(params, param_shardings)  # the placement make_state was compiled for
     else:
-      init = jax.jit(lambda key: init_params(specs, key, jnp.dtype(config.param_dtype)),
-                     out_shardings=param_shardings)
+      init = jax.jit(lambda key: init_params(specs, key, param_dtype), out_shardings=param_shardings)
       params = init(jax.random.key(seed))
-    return jax.jit(lambda p: {"step": jnp.int32(0), "params": p, "opt_state": opt.init(p)})(params)
+    return make_state(params)
 
   checkpoints = RunCheckpoints(workdir, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpoints)
   config_json = config_to_json(config)
   batches = make_batches(data, tokenizer, documents=documents)
   with jax.set_mesh(mesh):
-    state = fresh_state()
     start = checkpoints.latest_step()
-    if start is not None:
-      abstract = abstract_like({"params": state["params"], "opt_state": state["opt_state"]})
-      restored, data_state = checkpoints.restore(start, abstract)
+    if start is None:
+      state = fresh_state()
+    else:
+      restored, data_state = checkpoints.restore(start, abstract_state)
       state = {"step": jnp.int32(start), "params": restored["params"], "opt_state": restored["opt_state"]}
       batches.set_state(data_state)
     start = start or 0
+  if start >= train_steps:
+    print(f"{workdir}: the latest checkpoint is at step {start} and train_steps is {train_steps}: nothing to train "
+          f"(raise train_steps to go on)", file=sys.stderr)
   with open(os.path.join(workdir, "config.gin"), "w") as f:  # the fully resolved configuration, as T5X does
     f.write(gin.config_str())
   with open(os.path.join(workdir, "model_config.json"), "w") as f:
@@ -172,6 +188,17 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
     if hasattr(batches, "close"):
       batches.close()
   return {**last, "preempted": preempted}
+
+
+def check_params_match(params, expected, source: str) -> None:
+  """ValueError naming the first tensor whose presence or shape differs from the configured model's."""
+  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  for key in sorted(got.keys() | want.keys()):
+    if got.get(key) != want.get(key):
+      raise ValueError(f"init_params_from={source}: params{key} is {got.get(key, 'missing')} in the checkpoint but "
+                       f"{want.get(key, 'absent')} in the configured model; bind the checkpoint's shape "
+                       f"(configs/models/*.gin or T5Config/GemmaConfig)")
 
 
 def data_checksum(local: dict) -> int:

@@ -80,10 +80,10 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
   metrics = train(workdir, tokenizer=tokenizer, documents=train_docs, eval_documents=eval_docs)
   if metrics.get("preempted"):
     return metrics  # saved; the next start resumes
-  if os.path.exists(stats_path):
+  if os.path.exists(stats_path) and "loss" in metrics:
     with open(stats_path) as f:
       print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
-            f"final train loss {metrics.get('loss', float('nan')):.3f}", file=sys.stderr)
+            f"final train loss {metrics['loss']:.3f}", file=sys.stderr)
   if sample_prompts and jax.process_index() == 0:
     samples = generate_samples(workdir, sample_prompts, sample_max_new_tokens)
     for s in samples:
