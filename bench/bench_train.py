@@ -32,6 +32,13 @@ alone, 3 pairs: 6.85-7.07 s vs 7.53-7.80 s with hugetlb alone (page faults per s
 vs 1.15 s). The full benchmark then ran on a machine with host steal (the matmul peaks it measured swung from 160
 to 216 GFLOP/s between runs): ours 6.97-7.80 s vs HF 5.95-7.26 s, 0.81-1.04x; HF's step reached 5.95 s, its
 fastest yet, so the malloc settings likely help torch's large tensors as well.
+
+Next session (attention mask and bias kept apart, a (1, N, S, S) relative bias from slot offsets in the step, the
+softmax normalised after its matmul): our step alone, alternating A/B, 6.13 / 5.87 s vs 6.28-6.54 s before; one
+encoder layer's attention forward + backward 89-91 ms vs 93-95 ms (in isolation; HF's eager attention 153-160 ms).
+The full benchmark, on a host whose measured peaks swung from 105 to 216 GFLOP/s between runs: ours 6.05-6.56 s
+vs HF 5.80-6.24 s, 0.91-1.03x, MFU 0.52-0.55 (HF 0.60-0.77 of torch peaks measured at 150-194). In a quiet
+stretch HF reached 5.72-5.86 s per step: HF's step is now the faster one by ~5%, and 2x stays beyond the peak.
 """
 
 import argparse

@@ -8,6 +8,7 @@ import pytest
 from t5x_lite.config import GemmaConfig, T5Config
 from t5x_lite.models import gemma, t5
 from t5x_lite.models.params import init_params
+from t5x_lite.training.step import logits_for_batch
 
 T5_SMALL = T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2,
                     num_decoder_layers=3, relative_attention_num_buckets=8, relative_attention_max_distance=20,
@@ -78,6 +79,11 @@ def test_t5_packed_equals_unpacked():
   alone = [T5_FORWARD(params, config, jnp.asarray(e)[None], None, jnp.asarray(d)[None]) for e, d in zip(enc, dec)]
   np.testing.assert_allclose(packed[0, :3], alone[0][0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(packed[0, 3:], alone[1][0], rtol=1e-5, atol=1e-5)
+  # The train step leaves positions out (the bias then comes from slot offsets, equal within each segment).
+  batch = {"input_ids": packed_enc, "encoder_segment_ids": enc_seg, "encoder_positions": enc_pos,
+           "decoder_input_ids": packed_dec, "decoder_segment_ids": dec_seg, "decoder_positions": dec_pos}
+  np.testing.assert_allclose(jax.jit(logits_for_batch, static_argnums=1)(params, config, batch, None), packed,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_gemma_packed_equals_unpacked():

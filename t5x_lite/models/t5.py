@@ -115,7 +115,7 @@ def encode(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_ma
   dtype = jnp.dtype(config.dtype)
   rate = config.dropout_rate
   rng_embed, rng_layers, rng_final = split_rng(rng, 3)
-  positions = masks.slot_index(B, S) if positions_BS is None else positions_BS
+  positions = masks.slot_index(1, S) if positions_BS is None else positions_BS  # (1, S): a (1, N, S, S) bias
   mask = masks.combine(None if attention_mask_BS is None else masks.key_padding_mask(attention_mask_BS),
                        None if segment_ids_BS is None else masks.segment_mask(segment_ids_BS, segment_ids_BS))
   enc = params["encoder"]
@@ -148,7 +148,7 @@ def decode(params: dict, config: T5Config, decoder_input_ids_BT: jax.Array, enco
   dtype = jnp.dtype(config.dtype)
   rate = config.dropout_rate
   rng_embed, rng_layers, rng_final = split_rng(rng, 3)
-  slots = masks.slot_index(B, T)
+  slots = masks.slot_index(1, T)  # one row: masks and the bias built from it broadcast over the batch
   positions = slots if decoder_positions_BT is None else decoder_positions_BT
   self_mask = masks.combine(
       masks.causal_mask(slots, slots),

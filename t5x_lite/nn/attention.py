@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
-from t5x_lite.nn.attention_core import additive_mask, attend
+from t5x_lite.nn.attention_core import attend
 
 IMPLEMENTATION = os.environ.get("T5X_LITE_ATTENTION", "auto")  # auto | xla
 
@@ -39,7 +39,7 @@ def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Arra
   """
   if _use_cudnn(q_BTNH, softcap):
     return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias, scale=scale)
-  out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, additive_mask(mask, bias), scale=scale, softcap=softcap)
+  out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask=mask, bias=bias, scale=scale, softcap=softcap)
   return sharding.constrain(out_BTNH, ("act_batch", "act_length", "act_heads", "act_kv"))
 
 

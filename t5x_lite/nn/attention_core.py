@@ -1,6 +1,6 @@
 """Multi-token attention with a written-out backward pass: what training runs on CPU and TPU.
 
-    out = softmax(cap(scale * q k^T) + logit_bias) v          cap(x) = softcap * tanh(x / softcap), optional
+    out = softmax(where(mask, cap(scale * q k^T) + bias, min)) v          cap(x) = softcap * tanh(x / softcap)
 
 The forward keeps only each row's max and log-sum (B, K, G*T) for the backward, which recomputes the probabilities
 from q and k, as flash attention does. Autodiff of the plain formula instead stores the (B, N, T, S) probabilities
@@ -11,8 +11,13 @@ matmuls (XLA:CPU transposes run at 2-5 GB/s). Here every matmul takes the (., T,
     dV^T = dO^T P         dP = dO V^T          dS = P * (dP - rowsum(dO * O))
     dQ = dS K             dK^T = Q^T dS        (heads of a GQA group share K, V: their rows stack on one axis)
 
-so only (B, T, N, H)-sized operands are ever transposed. Masks arrive folded into `logit_bias` as the float32
-minimum (see `additive_mask`), which is how transformers' eager attention applies them too.
+so only (B, T, N, H)-sized operands are ever transposed.
+
+The mask and the bias stay apart, each in its own broadcast shape (a T5 encoder's are (B, 1, T, S) bool and
+(1, N, T, S) float), and meet only inside the fusions around the logits matmul. Folding them into one additive
+(B, N, T, S) float tensor first made a 50 MB tensor (t5-v1_1-small, batch 8 x 512) that every layer read in the
+forward and again in the backward. Masked logits become the float32 minimum (not -inf),
+so a fully masked row averages uniformly instead of producing NaN, as transformers' eager attention does.
 """
 
 import functools
@@ -23,27 +28,22 @@ import jax.numpy as jnp
 NEG_INF = jnp.finfo(jnp.float32).min
 
 
-def additive_mask(mask, bias):
-  """`bias` (broadcastable to (B, N, T, S), float) with masked-out places (mask False) set to the float32 minimum.
-
-  Either may be None; returns None when both are. A fully masked row then averages uniformly (every logit is the
-  minimum), instead of producing NaN.
-  """
-  if mask is None:
-    return None if bias is None else bias.astype(jnp.float32)
-  return jnp.where(mask, 0.0 if bias is None else bias.astype(jnp.float32), NEG_INF).astype(jnp.float32)
-
-
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, logit_bias: jax.Array | None, *,
-           scale: float, softcap: float | None) -> jax.Array:
-  """Attention output (B, T, N, H); `logit_bias` float32 broadcastable to (B, N, T, S) (mask folded in) or None.
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, mask: jax.Array | None = None,
+           bias: jax.Array | None = None, scale: float, softcap: float | None) -> jax.Array:
+  """Attention output (B, T, N, H). `mask` (True = attend) and `bias` (added to the logits) each broadcast to
+  (B, N, T, S), or are None.
 
   K key/value heads serve N = K * G query heads; query head n reads kv head n // G (transformers' `repeat_kv`).
   """
-  if logit_bias is not None:
-    logit_bias = logit_bias.astype(jnp.float32)
-    logit_bias = logit_bias.reshape((1,) * (4 - logit_bias.ndim) + logit_bias.shape)
-  return _attend(q_BTNH, k_BSKH, v_BSKH, logit_bias, float(scale), None if softcap is None else float(softcap))
+  if mask is not None:
+    mask = _as_4d(mask.astype(bool))
+  if bias is not None:
+    bias = _as_4d(bias.astype(jnp.float32))
+  return _attend(q_BTNH, k_BSKH, v_BSKH, mask, bias, float(scale), None if softcap is None else float(softcap))
+
+
+def _as_4d(x):
+  return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
 def _to_rows(x_BTNH, K):
@@ -57,52 +57,59 @@ def _from_rows(x_BKMH, T):
   return x_BKMH.reshape(B, K, M // T, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, K * (M // T), H)
 
 
-def _bias_5d_shape(shape, K):
+def _5d_shape(shape, K):
   """(b, n, t, s) with n in {1, N} -> (b, 1 or K, 1 or G, t, s): broadcasts against logits (B, K, G, T, S)."""
   b, n, t, s = shape
   return (b, 1, 1, t, s) if n == 1 else (b, K, n // K, t, s)
 
 
-def _bias_5d(logit_bias, K):
-  return logit_bias.reshape(_bias_5d_shape(logit_bias.shape, K))
+def _5d(x, K):
+  return x.reshape(_5d_shape(x.shape, K))
 
 
-def _logits(q_BKMH, k_BKSH, logit_bias, scale, softcap, T):
-  """Capped, biased float32 logits (B, K, M, S), M = G*T, and the tanh the cap applied (for the backward)."""
+def _logits(q_BKMH, k_BKSH, mask, bias, scale, softcap, T):
+  """Capped, biased, masked float32 logits (B, K, M, S), M = G*T, and the tanh the cap applied (for the backward)."""
   logits = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH, preferred_element_type=jnp.float32) * scale
   capped = None
   if softcap is not None:
     capped = jnp.tanh(logits / softcap)
     logits = capped * softcap
-  if logit_bias is not None:
-    B, K, M, S = logits.shape
-    logits = (logits.reshape(B, K, M // T, T, S) + _bias_5d(logit_bias, K)).reshape(B, K, M, S)
-  return logits, capped
+  if bias is None and mask is None:
+    return logits, capped
+  B, K, M, S = logits.shape
+  logits = logits.reshape(B, K, M // T, T, S)
+  if bias is not None:
+    logits = logits + _5d(bias, K)
+  if mask is not None:
+    logits = jnp.where(_5d(mask, K), logits, NEG_INF)
+  return logits.reshape(B, K, M, S), capped
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q_BTNH, k_BSKH, v_BSKH, logit_bias, scale, softcap):
-  return _attend_fwd(q_BTNH, k_BSKH, v_BSKH, logit_bias, scale, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask, bias, scale, softcap):
+  return _attend_fwd(q_BTNH, k_BSKH, v_BSKH, mask, bias, scale, softcap)[0]
 
 
-def _attend_fwd(q_BTNH, k_BSKH, v_BSKH, logit_bias, scale, softcap):
+def _attend_fwd(q_BTNH, k_BSKH, v_BSKH, mask, bias, scale, softcap):
   T = q_BTNH.shape[1]
   K = k_BSKH.shape[2]
-  logits, _ = _logits(_to_rows(q_BTNH, K), k_BSKH.transpose(0, 2, 1, 3), logit_bias, scale, softcap, T)
-  # Normalised by division as jax.nn.softmax does (exp(x - lse) rounds through the log: ~1e-6 relative in the
-  # forward); the backward recomputes from the kept max and log-sum.
+  logits, _ = _logits(_to_rows(q_BTNH, K), k_BSKH.transpose(0, 2, 1, 3), mask, bias, scale, softcap, T)
+  # Normalised by division (exp(x - lse) rounds through the log: ~1e-6 relative), after the matmul: the division
+  # then runs over (B, K, M, H) instead of a pass over the (B, K, M, S) probabilities. The backward recomputes
+  # the probabilities from the kept max and log-sum.
   max_BKM = logits.max(axis=-1)
   unnormalised = jnp.exp(logits - max_BKM[..., None])
   total_BKM = unnormalised.sum(axis=-1)
-  probs = (unnormalised / total_BKM[..., None]).astype(v_BSKH.dtype)
+  out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", unnormalised.astype(v_BSKH.dtype), v_BSKH.transpose(0, 2, 1, 3),
+                        preferred_element_type=jnp.float32) / total_BKM[..., None]
   # Kept apart, not as max + log(total): next to a masked row's max (the float32 minimum) log(total) rounds away.
   row_max_logsum = (max_BKM, jnp.log(total_BKM))
-  out_BTNH = _from_rows(jnp.einsum("BKMS,BKSH->BKMH", probs, v_BSKH.transpose(0, 2, 1, 3)), T)
-  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, logit_bias, out_BTNH, row_max_logsum)
+  out_BTNH = _from_rows(out_BKMH.astype(v_BSKH.dtype), T)
+  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, mask, bias, out_BTNH, row_max_logsum)
 
 
 def _attend_bwd(scale, softcap, residuals, dout_BTNH):
-  q_BTNH, k_BSKH, v_BSKH, logit_bias, out_BTNH, (max_BKM, logsum_BKM) = residuals
+  q_BTNH, k_BSKH, v_BSKH, mask, bias, out_BTNH, (max_BKM, logsum_BKM) = residuals
   T = q_BTNH.shape[1]
   K = k_BSKH.shape[2]
   dtype = q_BTNH.dtype
@@ -110,33 +117,32 @@ def _attend_bwd(scale, softcap, residuals, dout_BTNH):
   k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
   v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
   dout_BKMH = _to_rows(dout_BTNH.astype(dtype), K)
-  logits, capped = _logits(q_BKMH, k_BKSH, logit_bias, scale, softcap, T)
+  logits, capped = _logits(q_BKMH, k_BKSH, mask, bias, scale, softcap, T)
   probs = jnp.exp((logits - max_BKM[..., None]) - logsum_BKM[..., None])
   # rowsum(P * dP) = rowsum(dO * O): one (B, T, N, H) product instead of a pass over (B, N, T, S).
   delta_BKM = _to_rows(dout_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32), K).sum(-1)
   dprobs = jnp.einsum("BKMH,BKSH->BKMS", dout_BKMH, v_BKSH, preferred_element_type=jnp.float32)
   dlogits = probs * (dprobs - delta_BKM[..., None])  # gradient of the capped, biased logits, float32
-  if logit_bias is not None:
-    # Masked places get no gradient, as if the mask selected (jnp.where) rather than added: it matters only in a
-    # fully masked row, whose uniform average otherwise passes a gradient to q and k through rounding noise.
+  if mask is not None:
+    # Masked places get no gradient (the mask selects): it matters only in a fully masked row, whose uniform
+    # average otherwise passes a gradient to q, k and the bias through rounding noise.
     B, _, M, S = dlogits.shape
-    masked = _bias_5d(logit_bias, K) == NEG_INF
-    dlogits = jnp.where(masked, 0.0, dlogits.reshape(B, K, M // T, T, S)).reshape(B, K, M, S)
+    dlogits = jnp.where(_5d(mask, K), dlogits.reshape(B, K, M // T, T, S), 0.0).reshape(B, K, M, S)
   dv_BKHS = jnp.einsum("BKMH,BKMS->BKHS", dout_BKMH, probs.astype(dtype))
   draw = dlogits if softcap is None else dlogits * (1.0 - capped * capped)
   draw = (draw * scale).astype(dtype)
   dq_BKMH = jnp.einsum("BKMS,BKSH->BKMH", draw, k_BKSH)
   dk_BKHS = jnp.einsum("BKMH,BKMS->BKHS", q_BKMH, draw)
-  dbias = None if logit_bias is None else _bias_grad(dlogits, logit_bias.shape, K, T)
+  dbias = None if bias is None else _bias_grad(dlogits, bias.shape, K, T)
   return (_from_rows(dq_BKMH, T).astype(q_BTNH.dtype), dk_BKHS.transpose(0, 3, 1, 2).astype(k_BSKH.dtype),
-          dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype), dbias)
+          dv_BKHS.transpose(0, 3, 1, 2).astype(v_BSKH.dtype), None, dbias)
 
 
 def _bias_grad(dlogits_BKMS, shape, K, T):
   """The (B, K, G*T, S) logit gradient summed down to the bias' shape (b, n, t, s)."""
   B, _, M, S = dlogits_BKMS.shape
   g = dlogits_BKMS.reshape(B, K, M // T, T, S)
-  target = _bias_5d_shape(shape, K)
+  target = _5d_shape(shape, K)
   axes = tuple(i for i, (have, want) in enumerate(zip(g.shape, target)) if want == 1 and have != 1)
   return (g.sum(axes, keepdims=True) if axes else g).reshape(shape)
 
