@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from t5x_lite.nn import masks
+from t5x_lite.nn.argmax import argmax
 from t5x_lite.nn.attention import dot_product_attention
 from t5x_lite.nn.positions import apply_rope, relative_position_bucket, rope_inverse_frequencies
 
@@ -147,3 +148,17 @@ def test_attention_backward_equals_autodiff_of_the_formula(N, K, bias_shape, mas
   got = jax.jit(jax.value_and_grad(ours, argnums))(q, k, v, bias)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, rtol=0, atol=2e-6 * max(1.0, float(np.abs(r).max())))
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 300), -1), ((300, 4), 0), ((2, 40, 3), 1)])
+def test_argmax_equals_jnp_argmax_with_ties_nan_and_inf(shape, axis):
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 4, shape).astype(np.float32)  # small integers: many exact ties
+  flat = np.moveaxis(x, axis, -1).reshape(-1, shape[axis])
+  flat[0, [7, 19]] = np.nan  # NaN counts as the maximum: the first NaN wins
+  flat[1, :] = -np.inf
+  flat[2, :] = np.inf
+  x = np.moveaxis(flat.reshape(np.moveaxis(x, axis, -1).shape), -1, axis)
+  got = jax.jit(argmax, static_argnums=1)(jnp.asarray(x), axis)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=axis))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite.decoding.sampling import choose_tokens
+from t5x_lite.nn.argmax import argmax
 
 
 def decode_tokens(step_fn: Callable, state, first_tokens_N: jax.Array | None, *, max_new_tokens: int, eos_id: int,
@@ -43,7 +44,7 @@ def decode_tokens(step_fn: Callable, state, first_tokens_N: jax.Array | None, *,
 
   def choose(logits, t, layout_VN=False):
     if layout_VN and method == "greedy":
-      return jnp.argmax(logits, axis=0).astype(jnp.int32)
+      return argmax(logits, axis=0)
     return choose_tokens(logits.T if layout_VN else logits, jax.random.fold_in(rng, t), method=method,
                          temperature=temperature, top_k=top_k, top_p=top_p)
 

@@ -8,6 +8,8 @@ most 1 - p, so the token that crosses p is kept (and always at least one token).
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.nn.argmax import argmax
+
 
 def filter_logits(logits_NV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
@@ -37,7 +39,7 @@ def choose_tokens(logits_NV: jax.Array, rng: jax.Array | None, *, method: str, t
   Row n draws with `fold_in(rng, n)`, so its tokens do not depend on the batch it shares or its padding.
   """
   if method == "greedy":
-    return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
+    return argmax(logits_NV, axis=-1)
   filtered = filter_logits(logits_NV, temperature=temperature, top_k=top_k, top_p=top_p)
   keys = jax.vmap(lambda n: jax.random.fold_in(rng, n))(jnp.arange(filtered.shape[0]))
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.nn.argmax import argmax
+
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
                   label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
@@ -28,4 +30,4 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
   token_z = z_loss * jnp.square(log_z)
   w = weights_BT.astype(jnp.float32)
   return {"loss": jnp.sum((token_loss + token_z) * w), "z_loss": jnp.sum(token_z * w),
-          "correct": jnp.sum((jnp.argmax(logits, axis=-1) == targets_BT) * w), "weight_sum": jnp.sum(w)}
+          "correct": jnp.sum((argmax(logits, axis=-1) == targets_BT) * w), "weight_sum": jnp.sum(w)}
