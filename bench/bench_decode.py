@@ -225,7 +225,8 @@ def measure_peaks() -> dict:
   small_n, small_1 = busy_probe()
   bytes_ = words * 4
   p = {"xla_peak": flops / xla_mm, "torch_peak": flops / torch_mm, "xla_read_bw": bytes_ / xla_read,
-       "xla_matvec_bw": bytes_ / xla_matvec, "xla_copy_bw": 2 * bytes_ / xla_copy, "np_copy_bw": 2 * bytes_ / np_copy, "torch_read_bw": bytes_ / torch_read,
+       "xla_matvec_bw": bytes_ / xla_matvec, "xla_copy_bw": 2 * bytes_ / xla_copy, "np_copy_bw": 2 * bytes_ / np_copy,
+       "torch_read_bw": bytes_ / torch_read,
        "small_n": small_n, "small_1": small_1}
   say(f"matmul peak (2048^3 f32): XLA {p['xla_peak'] / GB:.1f} GFLOP/s, torch {p['torch_peak'] / GB:.1f} GFLOP/s")
   say(f"bandwidth (256 MiB f32): XLA read {p['xla_read_bw'] / GB:.1f} GB/s, XLA copy {p['xla_copy_bw'] / GB:.1f} "
