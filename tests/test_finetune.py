@@ -29,8 +29,8 @@ DOCUMENTS = [{"inputs": f"question {i}: what is {i} plus {i}?", "targets": f"{2 
 def test_finetune_starts_from_checkpoint_and_resumes_without_it(tmp_path):
   base = tmp_path / "hf"
   build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), base)
-  hf_params = t5x_lite.load(str(base), progress=False).params
-  config = t5x_lite.load(str(base), progress=False).config
+  base_model = t5x_lite.load(str(base), progress=False)
+  hf_params, config = base_model.params, base_model.config
 
   def run(workdir, steps):
     data = DataConfig(objective="seq2seq", batch_size=8, inputs_length=32, targets_length=8, prefetch=0)

@@ -111,7 +111,7 @@ def encode(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_ma
   `segment_ids_BS`/`positions_BS` describe packed examples (no attention across segments, positions restart);
   `rng` turns dropout on.
   """
-  B, S = input_ids_BS.shape
+  S = input_ids_BS.shape[1]
   dtype = jnp.dtype(config.dtype)
   rate = config.dropout_rate
   rng_embed, rng_layers, rng_final = split_rng(rng, 3)
@@ -144,7 +144,7 @@ def decode(params: dict, config: T5Config, decoder_input_ids_BT: jax.Array, enco
            decoder_segment_ids_BT: jax.Array | None = None, encoder_segment_ids_BS: jax.Array | None = None,
            decoder_positions_BT: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
   """Final decoder hidden states (B, T, D) for teacher-forced `decoder_input_ids` (before the LM head)."""
-  B, T = decoder_input_ids_BT.shape
+  T = decoder_input_ids_BT.shape[1]
   dtype = jnp.dtype(config.dtype)
   rate = config.dropout_rate
   rng_embed, rng_layers, rng_final = split_rng(rng, 3)
