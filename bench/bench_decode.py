@@ -187,18 +187,8 @@ def busy_probe(window: float = 0.3) -> tuple[float, float]:
   return t_n, t_1
 
 
-def measure_peaks() -> dict:
-  """Matmul peak (XLA, torch) and memory bandwidth, plus a probe of how busy the machine is."""
-  n = 2048
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(lambda a, b: a @ b)
-  xla_mm = best_of(lambda: mm(a, b).block_until_ready(), 5)
-  ta, tb = torch.randn(n, n), torch.randn(n, n)
-  with torch.inference_mode():
-    torch_mm = best_of(lambda: ta @ tb, 5)
-  flops = 2 * n ** 3
-  words = 64 * 1024 ** 2  # 256 MiB of float32
+def measure_bandwidth(words: int) -> dict:
+  """Seconds to read (XLA sum, torch sum), copy (XLA in place, numpy) and matmul-read `words` float32 values."""
   x = jnp.ones((words,), jnp.float32)
   read = jax.jit(jnp.sum)
   copy = jax.jit(lambda v: v + 1.0, donate_argnums=0)  # in place: no fresh pages to fault in
@@ -221,12 +211,28 @@ def measure_peaks() -> dict:
   v = jnp.ones((2048, 8), jnp.float32)
   matvec = jax.jit(lambda w, v: w @ v)
   xla_matvec = best_of(lambda: matvec(w, v).block_until_ready(), 5)
-  del x, src, dst, tx, w
+  return {"xla_read": xla_read, "xla_copy": xla_copy, "np_copy": np_copy, "torch_read": torch_read,
+          "xla_matvec": xla_matvec}
+
+
+def measure_peaks() -> dict:
+  """Matmul peak (XLA, torch) and memory bandwidth, plus a probe of how busy the machine is."""
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(lambda a, b: a @ b)
+  xla_mm = best_of(lambda: mm(a, b).block_until_ready(), 5)
+  ta, tb = torch.randn(n, n), torch.randn(n, n)
+  with torch.inference_mode():
+    torch_mm = best_of(lambda: ta @ tb, 5)
+  flops = 2 * n ** 3
+  words = 64 * 1024 ** 2  # 256 MiB of float32
+  bw = measure_bandwidth(words)  # its arrays (1.3 GB) are freed on return, before the probe
   small_n, small_1 = busy_probe()
   bytes_ = words * 4
-  p = {"xla_peak": flops / xla_mm, "torch_peak": flops / torch_mm, "xla_read_bw": bytes_ / xla_read,
-       "xla_matvec_bw": bytes_ / xla_matvec, "xla_copy_bw": 2 * bytes_ / xla_copy, "np_copy_bw": 2 * bytes_ / np_copy,
-       "torch_read_bw": bytes_ / torch_read,
+  p = {"xla_peak": flops / xla_mm, "torch_peak": flops / torch_mm, "xla_read_bw": bytes_ / bw["xla_read"],
+       "xla_matvec_bw": bytes_ / bw["xla_matvec"], "xla_copy_bw": 2 * bytes_ / bw["xla_copy"],
+       "np_copy_bw": 2 * bytes_ / bw["np_copy"], "torch_read_bw": bytes_ / bw["torch_read"],
        "small_n": small_n, "small_1": small_1}
   say(f"matmul peak (2048^3 f32): XLA {p['xla_peak'] / GB:.1f} GFLOP/s, torch {p['torch_peak'] / GB:.1f} GFLOP/s")
   say(f"bandwidth (256 MiB f32): XLA read {p['xla_read_bw'] / GB:.1f} GB/s, XLA copy {p['xla_copy_bw'] / GB:.1f} "
