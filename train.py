@@ -32,6 +32,29 @@ def parse_args(argv):
   return args, bindings
 
 
+def parse_gin(gin, files: list[str], bindings: list[str], repo: str) -> None:
+  """Parses the gin files, then the command-line bindings, and finalises the config.
+
+  Raises FileNotFoundError for a gin file found neither as given nor under the repository (gin itself fails
+  there with a TypeError), and ValueError for a binding of a macro that no gin file defines: gin would accept
+  `--gin.TRAIN_STEPZ=3` as a new macro nobody reads and run the default number of steps.
+  """
+  for f in files:
+    if not (os.path.isfile(f) or os.path.isfile(os.path.join(repo, f))):
+      where = os.getcwd() if os.path.samefile(os.getcwd(), repo) else f"{os.getcwd()} and {repo}"
+      raise FileNotFoundError(f"gin file {f!r} not found (looked in {where})")
+  gin.parse_config_files_and_bindings(files, None, finalize_config=False)
+  for binding in bindings:
+    name = binding.split("=", 1)[0].strip()
+    if "." not in name and "/" not in name:  # a macro (parameters are checked by gin against configurables)
+      try:
+        gin.query_parameter(f"%{name}")
+      except ValueError:
+        raise ValueError(f"--gin.{name}: no gin file defines the macro {name}; a misspelling? (bind parameters "
+                         "as Configurable.parameter)") from None
+  gin.parse_config_files_and_bindings(None, bindings)
+
+
 def main(argv=None) -> int:
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
   from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
@@ -51,9 +74,20 @@ def main(argv=None) -> int:
   repo = os.path.dirname(os.path.abspath(__file__))
   gin.add_config_file_search_path(repo)
   try:
-    gin.parse_config_files_and_bindings(args.gin_file, bindings)
+    parse_gin(gin, args.gin_file, bindings, repo)
+  except SyntaxError as e:
+    print(f"error: gin configuration: {e}\n(values are Python literals: quote strings, e.g. "
+          "--gin.train.optimizer='\"adamw\"')", file=sys.stderr)
+    return 2
   except (OSError, ValueError, KeyError) as e:
     print(f"error: gin configuration: {e}", file=sys.stderr)
+    return 2
+  try:
+    os.makedirs(args.workdir, exist_ok=True)
+    if not os.access(args.workdir, os.W_OK):
+      raise PermissionError("not writable")
+  except OSError as e:
+    print(f"error: --workdir {args.workdir}: cannot create or write it ({e.strerror or e})", file=sys.stderr)
     return 2
   try:
     run_lib.run(args.workdir)

@@ -13,13 +13,19 @@ from t5x_lite.decoding import buckets
 from t5x_lite.errors import ConversionError
 
 
-def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None, *,
+def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | str | None = None, *,
          param_dtype: str | None = None, progress: bool = True) -> "Model":
   """Loads an HF model directory, a t5x_lite checkpoint directory, or a train.py workdir.
 
   `dtype` is the compute dtype; params are stored in `param_dtype` (default: the same as `dtype`).
-  With `mesh`, params are placed sharded by the logical-axis rules in `t5x_lite.sharding`.
+  With `mesh` (a Mesh, or a spec such as "data:2,tensor:4" for `t5x_lite.make_mesh`), params are placed sharded
+  by the logical-axis rules in `t5x_lite.sharding`.
   """
+  if isinstance(mesh, str):
+    mesh = sharding.make_mesh(mesh)
+  elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, a spec string such as 'data:2,tensor:4', or None; "
+                    f"got {type(mesh).__name__}")
   param_dtype = param_dtype or dtype
   for d in (dtype, param_dtype):
     if d not in ("float32", "bfloat16", "float16"):
@@ -65,6 +71,8 @@ class Model:
     arr = np.asarray(x)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
       raise ValueError(f"{name} must be a 2-D integer array (batch, length), got {arr.dtype} {arr.shape}")
+    if 0 in arr.shape:
+      raise ValueError(f"{name} is empty, shape {arr.shape}: give at least one row of at least one token")
     if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
       bad = arr[(arr < 0) | (arr >= self.config.vocab_size)][0]
       raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
@@ -103,6 +111,8 @@ class Model:
     if decoder_input_ids is not None:
       dec = self._ids(decoder_input_ids, "decoder_input_ids")
       dec_mask = self._mask(decoder_attention_mask, dec, "decoder_attention_mask")
+      if dec.shape[0] != ids.shape[0]:
+        raise ValueError(f"decoder_input_ids has {dec.shape[0]} rows but input_ids has {ids.shape[0]}")
       if not self.config.is_encoder_decoder:
         raise ValueError(f"this {self.config.family} model (task {task!r}) has no decoder inputs: pass the "
                          "sequence as input_ids only")

@@ -1,5 +1,6 @@
 """Logit parity with transformers for the T5 family, on tiny random models built in the test."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -126,3 +127,20 @@ def test_bfloat16_compute(tmp_path, batch):
   assert model16.params["embed"]["embedding"].dtype == np.dtype("bfloat16") or \
       str(model16.params["embed"]["embedding"].dtype) == "bfloat16"
   assert_close_to_hf(model16.logits(ids, mask, dec), ref, rtol=3e-2)
+
+
+def test_input_mistakes_raise_naming_the_argument(tmp_path, batch):
+  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), tmp_path)
+  n = len(jax.devices())
+  meshed = t5x_lite.load(str(tmp_path), mesh=f"data:{n}", progress=False)  # a spec string is made into a mesh
+  assert dict(meshed.mesh.shape)["data"] == n
+  model = t5x_lite.load(str(tmp_path), progress=False)
+  ids, mask, dec = batch
+  with pytest.raises(ValueError, match=r"decoder_input_ids has 1 rows but input_ids has 2"):
+    model.logits(ids, mask, dec[:1])
+  with pytest.raises(ValueError, match=r"input_ids is empty, shape \(1, 0\)"):
+    model.encode(np.zeros((1, 0), np.int32))
+  with pytest.raises(ValueError, match=r"input_ids is empty, shape \(0, 4\)"):
+    model.generate(np.zeros((0, 4), np.int32), max_new_tokens=2)
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, a spec string"):
+    t5x_lite.load(str(tmp_path), mesh=5, progress=False)

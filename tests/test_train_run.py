@@ -142,3 +142,27 @@ def test_nonfinite_loss_stops_without_saving(tmp_path, env):
     params = t5x_lite.load(workdir, progress=False).params
     import jax  # pylint: disable=import-outside-toplevel
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gin_file=configs/runs/no_such_run.gin"], "gin file 'configs/runs/no_such_run.gin' not found"),
+    (["--gin_file=configs/runs/demo.gin", "--gin.TRAIN_STEPZ=3"], "no gin file defines the macro TRAIN_STEPZ"),
+    (["--gin_file=configs/runs/demo.gin", "--gin.TRAIN_STEPS=abc"], "values are Python literals"),
+    (["--gin_file=configs/runs/demo.gin", "--gin.T5Config.d_model='big'"],
+     "T5Config.d_model must be an integer, got 'big'"),
+])
+def test_configuration_mistakes_exit_2_naming_the_problem(tmp_path, env, args, message):
+  workdir = tmp_path / "wd"
+  r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *args], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_unwritable_workdir_exits_2(tmp_path, env):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--gin_file=configs/runs/demo.gin",
+                      f"--workdir={blocker}/wd"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and f"--workdir {blocker}/wd: cannot create or write it" in r.stderr, r.stderr[-2000:]

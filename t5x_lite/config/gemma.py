@@ -10,6 +10,7 @@ from typing import Any
 
 import gin
 
+from t5x_lite.config.fields import build_config, check_field_types
 from t5x_lite.errors import ConversionError
 
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
@@ -78,6 +79,7 @@ class GemmaConfig:
   is_encoder_decoder = False
 
   def __post_init__(self):
+    check_field_types(self)
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
 
@@ -156,7 +158,8 @@ def gemma_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = Non
   extra = {k: v for k, v in outer.items() if k not in _OWNED_KEYS and k != "text_config"}
   if "id2label" in outer:
     extra["id2label"], extra["label2id"] = outer["id2label"], outer.get("label2id")
-  return GemmaConfig(
+  return build_config(
+      GemmaConfig, source,
       vocab_size=hf.get("vocab_size", 256000), d_model=hf.get("hidden_size", 3072),
       num_heads=hf.get("num_attention_heads", 16), num_kv_heads=hf.get("num_key_value_heads", 16),
       head_dim=head_dim, d_ff=hf.get("intermediate_size", 24576), num_layers=num_layers,

@@ -6,6 +6,7 @@ from typing import Any
 
 import gin
 
+from t5x_lite.config.fields import build_config, check_field_types
 from t5x_lite.errors import ConversionError
 
 T5_MODEL_TYPES = ("t5", "mt5", "umt5")
@@ -73,6 +74,9 @@ class T5Config:
 
   family = "t5"
 
+  def __post_init__(self):
+    check_field_types(self)
+
   @property
   def is_encoder_decoder(self) -> bool:
     return self.task != "encoder" and self.task != "token_cls"
@@ -111,7 +115,8 @@ def t5_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None, 
   extra = {k: v for k, v in hf.items() if k not in _T5_OWNED_KEYS}
   if "id2label" in hf:
     extra["id2label"], extra["label2id"] = hf["id2label"], hf.get("label2id")
-  return T5Config(
+  return build_config(
+      T5Config, source,
       vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512), num_heads=hf.get("num_heads", 8),
       head_dim=hf.get("d_kv", 64), d_ff=hf.get("d_ff", 2048), num_encoder_layers=num_layers,
       num_decoder_layers=hf.get("num_decoder_layers") or num_layers,

@@ -141,7 +141,10 @@ def span_corruption_lengths(inputs_length: int, *, noise_density: float = 0.15,
 
   T5's helper counts with bare rounding; we count as the mask does (`noise_counts`: at least one noise token
   and one span). The two agree whenever T5's arithmetic describes its own mask; where it does not (pieces of a
-  few tokens, or a mean span far above the noise count) T5's figures undercount and ours stay exact.
+  few tokens, or a mean span far above the noise count, e.g. UL2's X-denoiser at mean 64 and density 0.15)
+  T5's figures undercount, so T5 would truncate targets, and ours stay exact. At density 0.5 T5 also takes one
+  off the targets without recounting them for the shorter piece, which overstates them by one where that piece
+  loses a span as well (e.g. 43 -> T5 (62, 43), ours (62, 42): 62 raw tokens give 42 targets).
   """
   if inputs_length < 1:
     raise ValueError(f"inputs_length must be >= 1 (EOS alone takes one), got {inputs_length}")

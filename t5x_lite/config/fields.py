@@ -1,0 +1,65 @@
+"""Type checks for the fields of a config dataclass.
+
+A config field with a wrong type (`"d_model": "abc"` in config.json, `--gin.T5Config.d_model='"big"'`) would
+otherwise fail deep inside a traced function with a message about `**` or einsum shapes; checked here, the error
+names the field and the value where they enter.
+"""
+
+import dataclasses
+import numbers
+import types
+import typing
+
+from t5x_lite.errors import ConversionError
+
+
+def check_field_types(config) -> None:
+  """Raises ValueError naming the first field of `config` whose value does not have its annotated type.
+
+  int fields take integers (not bools), float fields any real number (not bools), `X | None` also None, and
+  tuple fields a tuple; other annotations are not checked.
+  """
+  hints = typing.get_type_hints(type(config))
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if not _matches(value, hints[field.name]):
+      raise ValueError(f"{type(config).__name__}.{field.name} must be {_describe(hints[field.name])}, "
+                       f"got {value!r} ({type(value).__name__})")
+
+
+def _matches(value, hint) -> bool:
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    return any(_matches(value, h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if hint is float:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if hint is str:
+    return isinstance(value, str)
+  if typing.get_origin(hint) is tuple:
+    return isinstance(value, tuple)
+  return True
+
+
+def _describe(hint) -> str:
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    return " or ".join(_describe(h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return "None"
+  if typing.get_origin(hint) is tuple:
+    return "a tuple"
+  return {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def build_config(cls, source: str, **fields):
+  """`cls(**fields)` for a config read from `source` (a config.json path): a bad value raises ConversionError
+  naming the file."""
+  try:
+    return cls(**fields)
+  except ValueError as e:
+    # gin appends "In call to configurable ..." on a second line; the file is the context here.
+    raise ConversionError(f"{source}: {str(e).splitlines()[0]}") from None
