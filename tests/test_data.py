@@ -182,6 +182,11 @@ def test_span_corruption_refuses_to_run_out_of_sentinels():
                          mean_noise_span_length=3.0, seed=0)
 
 
+def test_span_corruption_refuses_non_integer_tokens():
+  with pytest.raises(ValueError, match="integer ids, got dtype float32"):
+    data.span_corruption(np.arange(2, 30, dtype=np.float32), first_sentinel_id=FIRST_SENTINEL, seed=0)
+
+
 # --------------------------------------------------------------------------------------------- the lengths
 
 @pytest.mark.parametrize("inputs_length,density,mean,expected", [

@@ -100,6 +100,8 @@ def span_corruption(tokens, *, first_sentinel_id: int, noise_density: float = 0.
   tokens_L = np.asarray(tokens)
   if tokens_L.ndim != 1:
     raise ValueError(f"tokens must be 1-D, got shape {tokens_L.shape}")
+  if tokens_L.size and not np.issubdtype(tokens_L.dtype, np.integer):
+    raise ValueError(f"tokens must be integer ids, got dtype {tokens_L.dtype}")
   tokens_L = tokens_L.astype(np.int32)
   mask_L = noise_mask(len(tokens_L), noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
                       seed=seed)
