@@ -234,3 +234,102 @@ def test_failed_export_leaves_no_partial_output(v11_dir, tmp_path, monkeypatch):
   assert not (tmp_path / "out").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
   shutil.rmtree(v11_dir)
+
+
+# ------------------------------------------------------------------------------------ dtypes and output dirs
+
+def _raw_tensors(path):
+  """name -> (safetensors dtype code, raw bytes) straight from the file, for bit-exact comparisons."""
+  data = path.read_bytes()
+  n = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + n])
+  header.pop("__metadata__", None)
+  return {k: (v["dtype"], data[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]) for k, v in header.items()}
+
+
+def _bits(x):
+  """A bfloat16 tensor (torch, or numpy with ml_dtypes) as int16 bit patterns, so equal means bit-identical."""
+  return x.view(torch.int16).numpy() if isinstance(x, torch.Tensor) else np.asarray(x).view(np.int16)
+
+
+def test_bfloat16_export_loads_in_transformers(v11_dir, tmp_path, batch):
+  from t5x_lite.convert.hf import hf_tensor_entries, hf_tensors
+  ids, mask, dec = batch
+  ref = tf.T5ForConditionalGeneration.from_pretrained(v11_dir, dtype=torch.bfloat16).eval()
+  m16 = t5x_lite.load(str(v11_dir), dtype="bfloat16", progress=False)
+  ours = {e[0]: t for e, t in zip(hf_tensor_entries(m16.params, m16.config), hf_tensors(m16.params, m16.config))}
+  m16.save_hf(str(tmp_path / "bf16_model"))
+  t5x_lite.load(str(v11_dir), progress=False).save_hf(str(tmp_path / "f32_model"), dtype="bfloat16")
+  r = _cli("--to-hf", str(v11_dir), "--out", str(tmp_path / "cli"), "--dtype", "bfloat16")
+  assert r.returncode == 0, r.stderr
+  for out in ("bf16_model", "f32_model", "cli"):
+    assert {d for d, _ in _raw_tensors(tmp_path / out / "model.safetensors").values()} == {"BF16"}, out
+    back = tf.T5ForConditionalGeneration.from_pretrained(tmp_path / out, dtype=torch.bfloat16).eval()
+    state = back.state_dict()
+    for name, tensor in ours.items():
+      np.testing.assert_array_equal(_bits(state[name]), _bits(tensor), err_msg=f"{out}: {name}")
+    # The same weights as transformers' own bfloat16 cast of the source, hence the same logits exactly.
+    with torch.no_grad():
+      args = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(dec))
+      assert torch.equal(back(**args).logits, ref(**args).logits), out
+
+
+def test_cli_keeps_the_source_dtype(tmp_path):
+  """A bfloat16 HF checkpoint -> ours -> HF without --dtype stays bfloat16, bit for bit."""
+  hf = build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), tmp_path / "f32")
+  hf.to(torch.bfloat16).save_pretrained(tmp_path / "src")
+  r = _cli("--from-hf", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt"))
+  assert r.returncode == 0, r.stderr
+  assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["config"]["param_dtype"] == "bfloat16"
+  r = _cli("--to-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"))
+  assert r.returncode == 0, r.stderr
+  src = _raw_tensors(tmp_path / "src" / "model.safetensors")
+  back = _raw_tensors(tmp_path / "back" / "model.safetensors")
+  assert {d for d, _ in src.values()} == {"BF16"}
+  assert src == back
+
+
+def test_integer_tensor(v11_dir):
+  _rewrite(v11_dir / "model.safetensors", lambda t: t.update({"shared.weight": t["shared.weight"].astype(np.int32)}))
+  with pytest.raises(ConversionError, match=r"model.safetensors: tensor 'shared.weight' has dtype int32, expected a "
+                                            r"floating dtype"):
+    t5x_lite.load(str(v11_dir), progress=False)
+
+
+def test_unwritable_output_names_the_given_path(v11_dir, tmp_path):
+  model = t5x_lite.load(str(v11_dir), progress=False)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  out = str(blocker / "out")  # its parent is a file: it cannot be created
+  for save in (model.save_hf, model.save):
+    with pytest.raises(ConversionError, match=f"^{out}: cannot create the output directory"):
+      save(out)
+  with pytest.raises(ConversionError, match=f"^{blocker}: exists and is not a directory"):
+    model.save_hf(str(blocker))
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "hf"]  # no temporary directory left behind
+  r = _cli("--from-hf", str(v11_dir), "--out", out)
+  assert r.returncode == 2 and f"error: {out}: cannot create" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_to_hf_refuses_a_used_out_and_bad_shard_sizes(v11_dir, tmp_path):
+  before = (v11_dir / "model.safetensors").read_bytes()
+  r = _cli("--to-hf", str(v11_dir), "--out", str(v11_dir), "--dtype", "bfloat16")
+  assert r.returncode == 2 and "already holds a checkpoint" in r.stderr and "Traceback" not in r.stderr
+  assert (v11_dir / "model.safetensors").read_bytes() == before
+  for size in ("0", "-5"):
+    r = _cli("--to-hf", str(v11_dir), "--out", str(tmp_path / "out"), "--max-shard-size-mb", size)
+    assert r.returncode == 2 and "--max-shard-size-mb must be positive" in r.stderr, r.stderr
+  assert not (tmp_path / "out").exists()
+  with pytest.raises(ValueError, match="max_shard_bytes must be positive"):
+    t5x_lite.load(str(v11_dir), progress=False).save_hf(str(tmp_path / "out"), max_shard_bytes=0)
+
+
+def test_export_directory_permissions_follow_the_umask(v11_dir, tmp_path):
+  model = t5x_lite.load(str(v11_dir), progress=False)
+  old = os.umask(0o027)
+  try:
+    model.save_hf(str(tmp_path / "out"))
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
+  assert os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777 == 0o640

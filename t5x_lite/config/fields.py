@@ -17,11 +17,15 @@ def check_field_types(config) -> None:
   """Raises ValueError naming the first field of `config` whose value does not have its annotated type.
 
   int fields take integers (not bools), float fields any real number (not bools), `X | None` also None, and
-  tuple fields a tuple; other annotations are not checked.
+  tuple fields a tuple; other annotations are not checked. A list given to a tuple field (JSON and gin have no
+  tuples) is stored as a tuple, in place: a config must stay hashable, as a static jit argument.
   """
   hints = typing.get_type_hints(type(config))
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
+    if isinstance(value, list) and _matches((), hints[field.name]):
+      value = tuple(value)
+      object.__setattr__(config, field.name, value)  # frozen dataclass: its own __post_init__ may set fields
     if not _matches(value, hints[field.name]):
       raise ValueError(f"{type(config).__name__}.{field.name} must be {_describe(hints[field.name])}, "
                        f"got {value!r} ({type(value).__name__})")

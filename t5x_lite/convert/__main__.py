@@ -19,33 +19,42 @@ def main(argv=None) -> int:
                       help="parameter dtype to store (default: as the source)")
   parser.add_argument("--max-shard-size-mb", type=int, default=2048, help="--to-hf: shard size for the index")
   args = parser.parse_args(argv)
+  if args.max_shard_size_mb <= 0:
+    parser.error(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
 
   # Imports after argument parsing, so --help is instant.
   import t5x_lite  # pylint: disable=import-outside-toplevel
   from t5x_lite.convert import checkpoint  # pylint: disable=import-outside-toplevel
+  from t5x_lite.convert.safetensors_io import INDEX_FILE, SINGLE_FILE  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   try:
+    # Either format in --out would be overwritten in part (config.json) or mixed with the new files.
+    held = [f for f in ("params", "config.json", SINGLE_FILE, INDEX_FILE) if os.path.exists(os.path.join(args.out, f))]
+    if held:
+      raise ConversionError(f"{args.out}: already holds a checkpoint ({held[0]}); choose an empty --out directory")
     if args.from_hf:
-      if os.path.exists(os.path.join(args.out, "params")):
-        raise ConversionError(f"{args.out}: already holds a checkpoint; choose an empty --out directory")
-      dtype = args.dtype or _hf_dtype(args.from_hf)
-      model = t5x_lite.load(args.from_hf, dtype=dtype)
+      model = t5x_lite.load(args.from_hf, dtype=args.dtype or _source_dtype(args.from_hf))
       model.save(args.out)
     else:
       if not checkpoint.is_checkpoint_dir(args.to_hf) and not os.path.exists(os.path.join(args.to_hf, "config.json")):
         raise ConversionError(f"{args.to_hf}: not a t5x_lite checkpoint (no config.json with params/)")
-      model = t5x_lite.load(args.to_hf, dtype=args.dtype or "float32")
-      model.save_hf(args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size_mb * 1024 ** 2)
-  except (ConversionError, FileExistsError, ValueError) as e:
+      # Loaded in the dtype to write, as the export writes the params' own dtype (float32 would double a bf16 model).
+      model = t5x_lite.load(args.to_hf, dtype=args.dtype or _source_dtype(args.to_hf))
+      model.save_hf(args.out, max_shard_bytes=args.max_shard_size_mb * 1024 ** 2)
+  except (ValueError, OSError) as e:  # ConversionError is a ValueError; OSError: e.g. a full disk
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {args.out} ({model!r}) in {time.time() - t0:.1f}s", file=sys.stderr)
   return 0
 
 
-def _hf_dtype(model_dir: str) -> str:
-  """The dtype the HF config declares (dtype / torch_dtype), float32 if none or unsupported."""
+def _source_dtype(model_dir: str) -> str:
+  """The dtype `model_dir` stores its params in: our checkpoint's param_dtype, or what the HF config declares
+  (dtype / torch_dtype), float32 if none or unsupported."""
   import json  # pylint: disable=import-outside-toplevel
+  from t5x_lite.convert import checkpoint  # pylint: disable=import-outside-toplevel
+  if checkpoint.is_checkpoint_dir(model_dir):
+    return checkpoint.read_config(model_dir).param_dtype
   try:
     with open(os.path.join(model_dir, "config.json")) as f:
       cfg = json.load(f)

@@ -51,7 +51,10 @@ def save_checkpoint(params: dict, config, out_dir: str, extra_files: dict[str, b
   params_dir = os.path.join(out_dir, "params")
   if os.path.exists(params_dir):
     raise FileExistsError(f"{params_dir} already exists; choose an empty --out directory")
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ConversionError(f"{out_dir}: cannot create the output directory ({e.strerror or e})") from None
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(params_dir, params)
   for name, content in (extra_files or {}).items():
@@ -61,12 +64,17 @@ def save_checkpoint(params: dict, config, out_dir: str, extra_files: dict[str, b
     f.write(config_to_json(config) + "\n")
 
 
+def read_config(path: str):
+  """The config stored in checkpoint directory `path` (its param_dtype is the dtype the params are saved in)."""
+  cfg_path = os.path.join(path, "config.json")
+  with open(cfg_path) as f:
+    return config_from_json(f.read(), cfg_path)
+
+
 def load_checkpoint(path: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
   """(config, params) from a directory written by `save_checkpoint`, placed on `mesh` if given."""
   path = os.path.abspath(path)
-  cfg_path = os.path.join(path, "config.json")
-  with open(cfg_path) as f:
-    config = config_from_json(f.read(), cfg_path)
+  config = read_config(path)
   if param_dtype:
     config = config.replace(param_dtype=param_dtype)
   if compute_dtype:

@@ -66,8 +66,8 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
                    reader: CheckpointReader | None = None) -> dict:
   """Params pytree (param dtype of `config`) from the HF checkpoint in `model_dir`.
 
-  Every name and shape is checked against the layout before any tensor is read, so a wrong checkpoint fails
-  fast with the tensor named: `ConversionError` for missing, unexpected and mis-shaped tensors.
+  Every name, shape and dtype is checked against the layout before any tensor is read, so a wrong checkpoint
+  fails fast with the tensor named: `ConversionError` for missing, unexpected, mis-shaped and non-float tensors.
   """
   family = family_of_config(config)
   reader = reader or CheckpointReader(model_dir)
@@ -93,6 +93,10 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
     found = reader.shape(name)
     if found != shape:
       raise ConversionError(f"{reader.file_of[name]}: tensor {name!r} has shape {found}, expected {shape}")
+    # Integers would be cast to float silently; ml_dtypes' bfloat16 and float8 are not np.floating, hence names.
+    if not reader.dtype(name).startswith(("float", "bfloat")):
+      raise ConversionError(f"{reader.file_of[name]}: tensor {name!r} has dtype {reader.dtype(name)}, expected a "
+                            "floating dtype (float32, bfloat16 or float16)")
 
   dtype = jnp.dtype(config.param_dtype)
   flat_specs = _flat_specs(family.model.param_specs(config))

@@ -6,9 +6,9 @@ for; every failure is re-raised as `ConversionError` naming the file (and tensor
 
 import json
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -66,6 +66,11 @@ class CheckpointReader:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
 
+  def dtype(self, name: str) -> str:
+    """The stored dtype as numpy names it ("bfloat16", "int32"), or the header's own code if unknown."""
+    code = self._open(self.file_of[name]).get_slice(name).get_dtype()
+    return _NP_DTYPES.get(code, code)
+
   def get(self, name: str) -> np.ndarray:
     path = self.file_of[name]
     try:
@@ -75,7 +80,9 @@ class CheckpointReader:
 
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64",
-              "int8": "I8", "uint8": "U8", "bool": "BOOL", "float64": "F64"}
+              "int8": "I8", "uint8": "U8", "bool": "BOOL", "float64": "F64", "int16": "I16", "uint16": "U16",
+              "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+_NP_DTYPES = {code: name for name, code in _ST_DTYPES.items()}
 
 
 def _write_safetensors(path: str, entries: list[tuple[str, tuple, np.dtype]], arrays: Iterator[np.ndarray]):
@@ -88,6 +95,8 @@ def _write_safetensors(path: str, entries: list[tuple[str, tuple, np.dtype]], ar
   header, offset = {"__metadata__": {"format": "pt"}}, 0
   for name, shape, dtype in entries:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if np.dtype(dtype).name not in _ST_DTYPES:
+      raise ValueError(f"{name}: dtype {np.dtype(dtype)} has no safetensors code")
     header[name] = {"dtype": _ST_DTYPES[np.dtype(dtype).name], "shape": list(shape),
                     "data_offsets": [offset, offset + nbytes]}
     offset += nbytes
@@ -100,7 +109,9 @@ def _write_safetensors(path: str, entries: list[tuple[str, tuple, np.dtype]], ar
       array = next(arrays)
       if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
         raise ValueError(f"{name}: got {array.dtype}{array.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
-      f.write(np.ascontiguousarray(array).data)
+      # As raw bytes: numpy cannot export a buffer of ml_dtypes' types (bfloat16, float8), but a uint8 view of
+      # the contiguous array is the same memory without a copy (reshape(-1) first, so 0-d arrays view too).
+      f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
 
 def write_checkpoint(entries: list[tuple[str, tuple, np.dtype]], arrays: Iterable[np.ndarray], out_dir: str, *,
@@ -111,10 +122,13 @@ def write_checkpoint(entries: list[tuple[str, tuple, np.dtype]], arrays: Iterabl
   each written as it arrives: no more than one tensor is held here. Everything goes into a temporary
   directory beside `out_dir` and is moved into place at the end, so a failure leaves no half-written
   checkpoint. `extra_files` maps file names to contents, str or bytes (config.json, tokenizer files).
+  Raises ConversionError naming `out_dir` when it cannot be written.
   """
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConversionError(f"{out_dir}: exists and is not a directory")
+  tmp = _temp_dir_beside(out_dir)
   try:
     shards: list[list] = [[]]
     size = total = 0
@@ -151,3 +165,20 @@ def write_checkpoint(entries: list[tuple[str, tuple, np.dtype]], arrays: Iterabl
       os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_dir_beside(out_dir: str) -> str:
+  """A new empty directory in `out_dir`'s parent (created if missing), to be renamed to `out_dir`.
+
+  Made with os.mkdir, so it gets the umask's permissions like any new directory; tempfile.mkdtemp's 0o700
+  would stay on the exported directory after the rename.
+  """
+  parent, name = os.path.split(os.path.abspath(out_dir))
+  tmp = os.path.join(parent, f".tmp-{name}-{secrets.token_hex(4)}")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(tmp)
+  except OSError as e:
+    # The user's path, not the temporary one, and no traceback for what is a bad --out.
+    raise ConversionError(f"{out_dir}: cannot create the output directory ({e.strerror or e})") from None
+  return tmp
