@@ -5,6 +5,8 @@
 
 Every input line gets one output line, in order; a bad line gets {"error": ...} and the run goes on. The
 output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
+Settings and files are checked before the model loads: a bad setting, an output that is the input, or an existing
+output that is not this tool's exits 2 ("infer.py: error: ...") and leaves the output as it was.
 """
 
 import argparse
@@ -31,13 +33,23 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
   args = p.parse_args(argv)
-  if args.batch_size < 1 or args.max_new_tokens < 1:
-    p.error("--batch-size and --max-new-tokens must be positive")
+  # t5x_lite.inference imports numpy only (no JAX): the checks below run in a fraction of a second.
+  from t5x_lite import inference  # pylint: disable=import-outside-toplevel
+  try:  # every run-wide setting, before the model loads: a bad one would otherwise fail each line in turn
+    options = inference.InferenceOptions(
+        mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        max_input_length=args.max_input_length, method=args.method, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+  except ValueError as e:
+    p.error(str(e))  # exits 2
+  try:  # and the files: the output must not be the input, and a file to resume must be our output
+    inference.check_files(args.input, args.output, args.mode)
+  except (ValueError, OSError) as e:
+    return _fail(p, e)
 
   from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
   set_cpu_defaults()
   import t5x_lite  # pylint: disable=import-outside-toplevel
-  from t5x_lite import inference  # pylint: disable=import-outside-toplevel
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   try:
     mesh = t5x_lite.make_mesh(args.mesh) if args.mesh else None
@@ -46,17 +58,22 @@ def main(argv=None) -> int:
       model.tokenizer = load_tokenizer(args.tokenizer, model.config.family)
       if model.tokenizer is None:
         raise ValueError(f"{args.tokenizer}: no tokenizer file (spiece.model / tokenizer.model) found")
-    options = inference.InferenceOptions(
-        mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        max_input_length=args.max_input_length, method=args.method, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
     stats = inference.run_file(model, args.input, args.output, options)
   except (t5x_lite.ConversionError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.output}: {stats['lines']} lines ({stats['errors']} errors), resumed at line "
-        f"{stats['resumed_at']}", file=sys.stderr)
+    return _fail(p, e)
+  errors = f"{stats['errors']} errors"
+  resumed = ""
+  if stats["resumed_at"]:
+    errors += f", {stats['earlier_errors']} of them from the earlier run"
+    resumed = f", resumed at line {stats['resumed_at']}"
+  print(f"wrote {args.output}: {stats['lines']} lines ({errors}){resumed}", file=sys.stderr)
   return 0
+
+
+def _fail(p: argparse.ArgumentParser, e: Exception) -> int:
+  """A run-time refusal: argparse's "PROG: error: ..." form and exit status, without the usage text."""
+  print(f"{p.prog}: error: {e}", file=sys.stderr)
+  return 2
 
 
 if __name__ == "__main__":

@@ -6,10 +6,16 @@ Input lines: {"text": ...} or {"input_ids": [...]}, plus "target" (text or ids) 
 processed (a bad line never stops the run). Results are appended a batch at a time and flushed to disk, so
 the output only ever holds complete lines; on restart the complete lines are kept, a torn last line is cut
 off, and work continues with the next input line.
+
+Lines are split at "\\n" only (as `wc -l` counts them), never at the other characters str.splitlines breaks at
+(U+2028, U+0085, form feed ...), which JSON text may hold: input line i is always output line i.
+A run-wide mistake (a bad setting, an output file that is the input or not our output) raises ValueError before
+anything is written: reported once per line instead, it would be kept by every resumed run.
 """
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -17,9 +23,31 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
+# The keys of an output line, and how json.dumps begins each kind: a torn last line must begin like one of them.
+OUTPUT_KEYS = ("output", "output_ids", "score", "error")
+_LINE_STARTS = (b'{"output', b'{"score"', b'{"error"')
+# Beam search divides by length ** length_penalty in float32 (exp(88.7) is its largest finite value) for every
+# length up to the output bucket: the next power of two >= max_new_tokens, at least 16 (decoding/buckets.py, not
+# imported here: its package pulls in JAX).
+_FLOAT32_LOG_MAX = math.log(float(np.finfo(np.float32).max))
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
+  """The run-wide settings; constructing one checks them (ValueError naming infer.py's flag)."""
   mode: str = "generate"  # generate | score
   batch_size: int = 8
   max_new_tokens: int = 64
@@ -32,9 +60,92 @@ class InferenceOptions:
   length_penalty: float = 1.0
   seed: int = 0
 
+  def __post_init__(self):
+    # The ranges Model.generate checks (model.py, _check_generation_args), whatever the mode, plus what it would
+    # crash on or silently mis-decode with (non-finite values, a length normaliser past float32, a seed that
+    # overflows int64 once the batch offset is added).
+    _require(self.mode in ("generate", "score"), f"--mode must be generate or score, got {self.mode!r}")
+    _require(self.method in ("greedy", "sample", "beam"),
+             f"--method must be greedy, sample or beam, got {self.method!r}")
+    for flag, value in (("--batch-size", self.batch_size), ("--max-new-tokens", self.max_new_tokens),
+                        ("--max-input-length", self.max_input_length)):
+      _require(_is_int(value) and value >= 1, f"{flag} must be an integer >= 1, got {value!r}")
+    _require(_is_int(self.top_k) and self.top_k >= 0, f"--top-k must be an integer >= 0 (0: off), got {self.top_k!r}")
+    _require(_is_real(self.top_p) and 0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1: off), got {self.top_p!r}")
+    if self.method == "sample":
+      _require(_is_real(self.temperature) and 0 < self.temperature < math.inf,
+               f"--temperature must be a finite number > 0 for --method sample, got {self.temperature!r}")
+    if self.method == "beam":
+      _require(_is_int(self.num_beams) and self.num_beams >= 1,
+               f"--num-beams must be an integer >= 1 for --method beam, got {self.num_beams!r}")
+      _require(_is_real(self.length_penalty) and math.isfinite(self.length_penalty),
+               f"--length-penalty must be a finite number, got {self.length_penalty!r}")
+      _require(abs(self.length_penalty) * math.log(max(16, 2 * self.max_new_tokens)) < _FLOAT32_LOG_MAX,
+               f"--length-penalty {self.length_penalty} is too large for --max-new-tokens {self.max_new_tokens}: "
+               "beam search's length ** penalty overflows float32")
+    _require(_is_int(self.seed) and abs(self.seed) < 2 ** 62, f"--seed must be an integer below 2**62 in magnitude, "
+             f"got {self.seed!r}")
+
 
 class LineError(ValueError):
   """A problem with one input line: reported in its output line, never fatal."""
+
+
+def read_lines(path: str) -> list[bytes]:
+  """The lines of `path`, split at b"\\n" only; a last line without its newline counts, an empty tail does not."""
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  if lines[-1] == b"":
+    lines.pop()
+  return lines
+
+
+def _output_record(raw: bytes, mode: str) -> tuple[dict | None, str]:
+  """(the record, "") for a complete line this module writes in `mode`, else (None, what is wrong with it)."""
+  try:
+    record = json.loads(raw)
+  except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+    return None, "is not JSON"
+  if not isinstance(record, dict):
+    return None, "is not a JSON object"
+  if not any(k in record for k in OUTPUT_KEYS):
+    return None, f"has none of the keys {', '.join(OUTPUT_KEYS)}"
+  wanted = "output_ids" if mode == "generate" else "score"
+  if "error" not in record and wanted not in record:
+    return None, f'has neither "{wanted}" nor "error"'
+  return record, ""
+
+
+def _not_ours(output_path: str, line: int, problem: str, mode: str) -> ValueError:
+  return ValueError(f"{output_path} line {line} {problem}: it does not look like infer.py --mode {mode} output to "
+                    "resume (left unchanged); remove it or give another --output")
+
+
+def check_files(input_path: str, output_path: str, mode: str = "generate") -> tuple[list[bytes], int, int]:
+  """(input lines, complete output lines to keep, error lines among them). Only reads: ValueError when the output
+  is the input, holds more lines than it, or holds a line this module would not write (the user's file is left
+  as it is); a torn last line that begins like one of ours is an interrupted write, cut off later by run_file."""
+  if os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(input_path, output_path):
+    raise ValueError(f"--output {output_path} is the input file {input_path}: its lines would be taken for "
+                     "finished answers; give another --output")
+  lines = read_lines(input_path)
+  if not os.path.exists(output_path):
+    return lines, 0, 0
+  with open(output_path, "rb") as f:
+    data = f.read()
+  keep = data.rfind(b"\n") + 1
+  done, errors = 0, 0
+  for done, raw in enumerate(data[:keep].split(b"\n")[:-1], 1):
+    record, problem = _output_record(raw, mode)
+    if record is None:
+      raise _not_ours(output_path, done, problem, mode)
+    errors += "error" in record
+  torn = data[keep:]
+  if torn and not any(torn[:len(s)] == s[:len(torn)] for s in _LINE_STARTS):
+    raise _not_ours(output_path, done + 1, "is cut off and does not begin like an output line", mode)
+  if done > len(lines):
+    raise ValueError(f"{output_path} has {done} lines but {input_path} only {len(lines)}: not its output")
+  return lines, done, errors
 
 
 def complete_lines(path: str) -> int:
@@ -49,37 +160,65 @@ def complete_lines(path: str) -> int:
   return data[:keep].count(b"\n")
 
 
-def _ids_field(value, name: str, tokenizer, model) -> list[int]:
-  if isinstance(value, str):
-    if not value.strip():
-      raise LineError(f'empty input: "{name}" holds no text')
-    if tokenizer is None:
-      raise LineError(f'"{name}" is text but the model has no tokenizer; give ids or pass --tokenizer')
-    return tokenizer.encode(value)
-  if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-    bad = [i for i in value if not 0 <= i < model.config.vocab_size]
-    if bad:
-      raise LineError(f'"{name}" holds id {bad[0]}, outside the vocabulary [0, {model.config.vocab_size})')
-    return list(value)
-  raise LineError(f'"{name}" must be a string or a list of integer ids')
+def _type_name(value) -> str:
+  """What a JSON value is, for messages: 'a string', 'a number', 'a list' ..."""
+  if isinstance(value, bool):
+    return "a boolean"
+  names = {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}
+  return names.get(type(value), "null")
 
 
-def parse_line(line: str, options: InferenceOptions, tokenizer, model) -> tuple[list[int], list[int] | None]:
+def _shown(value) -> str:
+  """A scalar as its JSON text (1.5, true, "5"), a container or a long string by its type."""
+  text = json.dumps(value, ensure_ascii=False)
+  return text if not isinstance(value, (list, dict)) and len(text) <= 20 else _type_name(value)
+
+
+def _text_ids(text: str, name: str, tokenizer) -> list[int]:
+  if not text.strip():
+    raise LineError(f'empty input: "{name}" holds no text')
+  if tokenizer is None:
+    raise LineError(f'"{name}" is text but the model has no tokenizer; give ids or pass --tokenizer')
+  return tokenizer.encode(text)
+
+
+def _list_ids(value: list, name: str, vocab_size: int) -> list[int]:
+  for i, t in enumerate(value):
+    if not _is_int(t):
+      raise LineError(f'"{name}" must be a list of integer ids, got {_shown(t)} at position {i}')
+    if not 0 <= t < vocab_size:
+      raise LineError(f'"{name}" holds id {t} at position {i}, outside the vocabulary [0, {vocab_size})')
+  return list(value)
+
+
+def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
+               model) -> tuple[list[int], list[int] | None]:
   """(input ids, target ids or None) for one JSONL line, or LineError saying what is wrong."""
+  if isinstance(line, bytes):
+    try:
+      line = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise LineError(f"invalid UTF-8 at byte {e.start}") from None
+  line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors start a file with
+  if not line.strip():
+    raise LineError("empty line")
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
     raise LineError(f"invalid JSON: {e.msg} at column {e.colno}") from None
   if not isinstance(record, dict):
-    raise LineError("each line must be a JSON object")
+    raise LineError(f"each line must be a JSON object, got {_type_name(record)}")
+  vocab_size = model.config.vocab_size
+  if "text" in record and "input_ids" in record:
+    raise LineError('give either "text" or "input_ids", not both')
   if "text" in record:
     if not isinstance(record["text"], str):
-      raise LineError('"text" must be a string')
-    ids = _ids_field(record["text"], "text", tokenizer, model)
+      raise LineError(f'"text" must be a string, got {_type_name(record["text"])}')
+    ids = _text_ids(record["text"], "text", tokenizer)
   elif "input_ids" in record:
     if not isinstance(record["input_ids"], list):
-      raise LineError('"input_ids" must be a list of integer ids')
-    ids = _ids_field(record["input_ids"], "input_ids", tokenizer, model)
+      raise LineError(f'"input_ids" must be a list of integer ids, got {_type_name(record["input_ids"])}')
+    ids = _list_ids(record["input_ids"], "input_ids", vocab_size)
   else:
     raise LineError('missing field: give "text" or "input_ids"')
   if not ids:
@@ -91,9 +230,15 @@ def parse_line(line: str, options: InferenceOptions, tokenizer, model) -> tuple[
   if options.mode == "score":
     if "target" not in record:
       raise LineError('missing field "target" (score mode)')
-    target = _ids_field(record["target"], "target", tokenizer, model)
+    value = record["target"]
+    if isinstance(value, str):
+      target = _text_ids(value, "target", tokenizer)
+    elif isinstance(value, list):
+      target = _list_ids(value, "target", vocab_size)
+    else:
+      raise LineError(f'"target" must be a string or a list of integer ids, got {_type_name(value)}')
     bos = getattr(tokenizer, "bos_id", None)
-    if isinstance(record["target"], str) and not model.config.is_encoder_decoder and target[:1] == [bos]:
+    if isinstance(value, str) and not model.config.is_encoder_decoder and target[:1] == [bos]:
       target = target[1:]  # the target continues the prompt: no second BOS
     if not target:
       raise LineError("empty target")
@@ -132,19 +277,23 @@ def run_batch(model, parsed: list[tuple[list[int], list[int] | None]], options: 
   return results
 
 
-def _chunks(lines: list[str], start: int, size: int) -> Iterator[tuple[int, list[str]]]:
+def _chunks(lines: list[bytes], start: int, size: int) -> Iterator[tuple[int, list[bytes]]]:
   for i in range(start, len(lines), size):
     yield i, lines[i:i + size]
 
 
 def run_file(model, input_path: str, output_path: str, options: InferenceOptions, *, progress: bool = True) -> dict:
-  """Answers every line of `input_path` into `output_path`, resuming after its complete lines."""
-  with open(input_path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
-  done = complete_lines(output_path)
-  if done > len(lines):
-    raise ValueError(f"{output_path} has {done} lines but {input_path} only {len(lines)}: not its output")
-  stats = {"lines": len(lines), "resumed_at": done, "errors": 0}
+  """Answers every line of `input_path` into `output_path`, resuming after its complete lines.
+
+  Returns {"lines", "resumed_at", "errors" (all error lines in the file), "earlier_errors" (those of them kept
+  from the earlier run)}.
+  """
+  if model.config.task != "lm":  # every batch would fail: refuse once rather than write an error per line
+    raise ValueError(f"{options.mode} needs a language-model head; this model's task is {model.config.task!r}")
+  lines, done, earlier_errors = check_files(input_path, output_path, options.mode)
+  if complete_lines(output_path) != done:  # cuts a torn last line; a count that moved means another writer
+    raise ValueError(f"{output_path} changed while this run started: is another infer.py writing it?")
+  stats = {"lines": len(lines), "resumed_at": done, "errors": earlier_errors, "earlier_errors": earlier_errors}
   bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress, file=sys.stderr)
   with open(output_path, "a", encoding="utf-8") as out:
     for start, chunk in _chunks(lines, done, options.batch_size):

@@ -1,4 +1,5 @@
-"""infer.py end to end: JSONL in, JSONL out in order, per-line errors, kill -9 and resume without duplicates."""
+"""infer.py end to end: JSONL in, JSONL out in order, per-line errors, kill -9 and resume without duplicates;
+run-wide mistakes (settings, an output that is the input or not ours) refused with exit 2 before anything loads."""
 
 import io
 import json
@@ -83,7 +84,8 @@ def test_good_and_bad_lines_answered_in_order(model_dir, tmp_path):
 
 def test_score_mode(model_dir, tmp_path):
   lines = ['{"text": "hello world", "target": "the dog"}', '{"text": "hello"}',
-           '{"input_ids": [5, 6, 1], "target": [7, 8, 1]}']
+           '{"input_ids": [5, 6, 1], "target": [7, 8, 1]}', '{"input_ids": [5], "target": 7}',
+           '{"input_ids": [5], "target": [7, 8.0]}']
   (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
   r = _infer("--model", model_dir, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
              "--mode", "score")
@@ -95,6 +97,8 @@ def test_score_mode(model_dir, tmp_path):
   assert 'missing field "target"' in out[1]["error"]
   assert out[2]["score"] == pytest.approx(float(model.score(np.array([[5, 6, 1]]), np.array([[7, 8, 1]]))[0]),
                                           rel=1e-5)
+  assert out[3]["error"] == '"target" must be a string or a list of integer ids, got a number'
+  assert out[4]["error"] == '"target" must be a list of integer ids, got 8.0 at position 1'
 
 
 def test_killed_run_resumes_without_duplicates(model_dir, tmp_path):
@@ -118,9 +122,91 @@ def test_killed_run_resumes_without_duplicates(model_dir, tmp_path):
     proc.wait()
   written = out.read_text().count("\n")
   assert 0 < written < len(lines), written
+  earlier = sum("error" in record for record in _read(out))  # the {broken line 17, if already answered
   with open(out, "a") as f:
     f.write('{"output_ids": [1, 2')  # a torn line, as a kill mid-write would leave
   r = _infer(*args, "--output", str(out))
   assert r.returncode == 0, r.stderr
   assert f"resumed at line {written}" in r.stderr
+  assert f"wrote {out}: 48 lines (1 errors, {earlier} of them from the earlier run)" in r.stderr
   assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
+
+
+def test_line_error_messages(model_dir, tmp_path):
+  """Each malformed line says what it found; blank, non-UTF-8 and U+2028-holding lines keep the line count."""
+  lines = [b'{"input_ids": "abc"}', b'{"input_ids": [1.5, 2]}', b'{"input_ids": [true, false]}',
+           b'{"input_ids": [[5, 6]]}', b'{"input_ids": [5, "6"]}', b'{"text": 5}', b'',
+           b'{"text": "hello", "input_ids": [5, 6]}', b'   ', b'{"text": "\xff"}',
+           '{"text": "hello\u2028world"}'.encode(), b'{"input_ids": [5, 6, 1]}\r']
+  (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  r = _infer("--model", model_dir, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+             "--batch-size", "4", "--max-new-tokens", "3")
+  assert r.returncode == 0, r.stderr
+  out = _read(tmp_path / "out.jsonl")
+  assert [o.get("error") for o in out] == [
+      '"input_ids" must be a list of integer ids, got a string',
+      '"input_ids" must be a list of integer ids, got 1.5 at position 0',
+      '"input_ids" must be a list of integer ids, got true at position 0',
+      '"input_ids" must be a list of integer ids, got a list at position 0',
+      '"input_ids" must be a list of integer ids, got "6" at position 1',
+      '"text" must be a string, got a number',
+      "empty line",
+      'give either "text" or "input_ids", not both',
+      "empty line",
+      "invalid UTF-8 at byte 10",
+      None, None]
+  assert "output_ids" in out[10] and "output_ids" in out[11]
+  assert f"{len(lines)} lines (10 errors)" in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "beam", "--num-beams", "0"], "--num-beams must be an integer >= 1 for --method beam, got 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k must be an integer >= 0"),
+    (["--method", "sample", "--temperature", "0"], "--temperature must be a finite number > 0 for --method sample"),
+    (["--method", "sample", "--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--max-input-length", "0"], "--max-input-length must be an integer >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--method", "beam", "--length-penalty", "inf"], "--length-penalty must be a finite number"),
+    (["--method", "beam", "--length-penalty", "100"], "--length-penalty 100.0 is too large for --max-new-tokens 64"),
+    (["--seed", str(2 ** 64)], "--seed must be an integer below 2**62"),
+])
+def test_bad_settings_refused_before_loading(tmp_path, flags, message):
+  """Exit 2 argparse-style before the model loads (the model path does not even exist), nothing written."""
+  (tmp_path / "in.jsonl").write_text('{"text": "hello"}\n')
+  r = _infer("--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "in.jsonl"),
+             "--output", str(tmp_path / "out.jsonl"), *flags)
+  assert r.returncode == 2, r.stderr
+  assert f"infer.py: error: {message}" in r.stderr
+  assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_output_that_is_the_input_refused(tmp_path):
+  text = '{"text": "hello"}\n{"text": "world"}\n'
+  (tmp_path / "in.jsonl").write_text(text)
+  os.symlink(tmp_path / "in.jsonl", tmp_path / "link.jsonl")
+  for output in (str(tmp_path / "in.jsonl"), str(tmp_path / "." / "in.jsonl"), str(tmp_path / "link.jsonl")):
+    r = _infer("--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "in.jsonl"), "--output", output)
+    assert r.returncode == 2, r.stderr
+    assert f"infer.py: error: --output {output} is the input file" in r.stderr
+  assert (tmp_path / "in.jsonl").read_text() == text
+
+
+@pytest.mark.parametrize("existing, problem", [
+    (b'{"output_ids": [5, 1]}\ngarbage\n', "line 2 is not JSON"),
+    (b'{"output_ids": [5, 1]}\n[1, 2]\n', "line 2 is not a JSON object"),
+    (b'{"text": "hello"}\n', "line 1 has none of the keys output, output_ids, score, error"),
+    (b'{"score": -3.5}\n', 'line 1 has neither "output_ids" nor "error"'),  # a --mode score file
+    (b'{"error": "x"}\nhello', "line 2 is cut off and does not begin like an output line"),
+])
+def test_resume_refuses_a_file_that_is_not_our_output(tmp_path, existing, problem):
+  """The file is left byte for byte as it was (no torn-line cut either)."""
+  (tmp_path / "in.jsonl").write_text('{"text": "hello"}\n' * 3)
+  (tmp_path / "out.jsonl").write_bytes(existing)
+  r = _infer("--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "in.jsonl"),
+             "--output", str(tmp_path / "out.jsonl"))
+  assert r.returncode == 2, r.stderr
+  assert f"infer.py: error: {tmp_path / 'out.jsonl'} {problem}: it does not look like infer.py" in r.stderr
+  assert (tmp_path / "out.jsonl").read_bytes() == existing
