@@ -1,6 +1,7 @@
 """`t5x_lite.load` and the `Model` object of the public contract (../shared/design/API.md)."""
 
 import contextlib
+import math
 import os
 
 import jax
@@ -149,7 +150,8 @@ class Model:
     `brevity="t5x"` uses T5X's ((5 + len) / 6) ** length_penalty in beam search instead of HF's len ** penalty.
     """
     self._no_pixels(pixel_values)
-    self._check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, brevity)
+    self._check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, length_penalty,
+                                brevity, seed)
     if self.config.task != "lm":
       raise ValueError(f"generate needs a language-model head; this model's task is {self.config.task!r}")
     ids, mask, B = self._bucketed_prompt(input_ids, attention_mask)
@@ -201,13 +203,18 @@ class Model:
     return out_ids, out_mask, B
 
   @staticmethod
-  def _check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, brevity):
+  def _check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, length_penalty, brevity,
+                             seed):
     if method not in ("greedy", "sample", "beam"):
       raise ValueError(f"method must be 'greedy', 'sample' or 'beam', got {method!r}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if method == "sample" and not temperature > 0:
-      raise ValueError(f"temperature must be > 0, got {temperature}")
+    if method == "sample" and not 0 < temperature < math.inf:
+      raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if method == "beam" and not math.isfinite(length_penalty):
+      raise ValueError(f"length_penalty must be finite, got {length_penalty}")
+    if not isinstance(seed, (int, np.integer)) or not -2 ** 63 <= seed < 2 ** 63:
+      raise ValueError(f"seed must be an integer that fits in int64, got {seed!r}")
     if top_k < 0 or not 0 < top_p <= 1:
       raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
     if method == "beam" and num_beams < 1:

@@ -142,5 +142,11 @@ def test_input_mistakes_raise_naming_the_argument(tmp_path, batch):
     model.encode(np.zeros((1, 0), np.int32))
   with pytest.raises(ValueError, match=r"input_ids is empty, shape \(0, 4\)"):
     model.generate(np.zeros((0, 4), np.int32), max_new_tokens=2)
+  for kwargs, message in [(dict(method="sample", temperature=float("inf")), "temperature must be finite and > 0"),
+                          (dict(method="beam", length_penalty=float("nan")), "length_penalty must be finite"),
+                          (dict(seed=2 ** 70), "seed must be an integer that fits in int64"),
+                          (dict(top_p=0.0), "0 < top_p <= 1")]:
+    with pytest.raises(ValueError, match=message):
+      model.generate(ids, mask, max_new_tokens=2, **kwargs)
   with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, a spec string"):
     t5x_lite.load(str(tmp_path), mesh=5, progress=False)
