@@ -295,7 +295,7 @@ def run_file(model, input_path: str, output_path: str, options: InferenceOptions
     raise ValueError(f"{output_path} changed while this run started: is another infer.py writing it?")
   stats = {"lines": len(lines), "resumed_at": done, "errors": earlier_errors, "earlier_errors": earlier_errors}
   bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress, file=sys.stderr)
-  with open(output_path, "a", encoding="utf-8") as out:
+  with open(output_path, "a", encoding="utf-8") as out, bar:  # the bar closes on an error too (own line for it)
     for start, chunk in _chunks(lines, done, options.batch_size):
       results: list[dict | None] = [None] * len(chunk)
       good = []
@@ -317,5 +317,4 @@ def run_file(model, input_path: str, output_path: str, options: InferenceOptions
       out.flush()
       os.fsync(out.fileno())
       bar.update(len(chunk))
-  bar.close()
   return stats

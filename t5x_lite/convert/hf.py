@@ -104,26 +104,26 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
   for name, (rule, _, _, _) in expected.items():
     by_leaf.setdefault(rule.ours, []).append(name)
   leaves = {}
-  bar = tqdm(total=len(expected), desc=f"converting {os.path.basename(os.path.normpath(model_dir))}",
-             unit="tensor", disable=not progress)
-  for path, names in by_leaf.items():
-    spec = flat_specs[path]
-    host = _aligned_empty(spec.shape, dtype)
-    for name in names:
-      rule, layer, _, per_layer = expected[name]
-      value = to_ours(rule.transform, reader.get(name), per_layer)
-      if layer is None:
-        host[...] = value
-      else:
-        host[layer] = value
-      bar.update(1)
-    target = None if mesh is None else sharding.named_sharding(mesh, spec.axes, spec.shape)
-    # On CPU, device_put of an aligned buffer adopts it without a copy: the host array becomes the leaf.
-    leaves[path] = jax.device_put(host, target)
-    del host
-    if mesh is not None and leaves[path].nbytes > 64 * 1024 ** 2:
-      gc.collect()  # the host buffer is only released by the cycle collector; do not let big ones pile up
-  bar.close()
+  # A with: closed on an error too, so the error message starts on its own line.
+  with tqdm(total=len(expected), desc=f"converting {os.path.basename(os.path.normpath(model_dir))}",
+            unit="tensor", disable=not progress) as bar:
+    for path, names in by_leaf.items():
+      spec = flat_specs[path]
+      host = _aligned_empty(spec.shape, dtype)
+      for name in names:
+        rule, layer, _, per_layer = expected[name]
+        value = to_ours(rule.transform, reader.get(name), per_layer)
+        if layer is None:
+          host[...] = value
+        else:
+          host[layer] = value
+        bar.update(1)
+      target = None if mesh is None else sharding.named_sharding(mesh, spec.axes, spec.shape)
+      # On CPU, device_put of an aligned buffer adopts it without a copy: the host array becomes the leaf.
+      leaves[path] = jax.device_put(host, target)
+      del host
+      if mesh is not None and leaves[path].nbytes > 64 * 1024 ** 2:
+        gc.collect()  # the host buffer is only released by the cycle collector; do not let big ones pile up
   return _unflatten(leaves)
 
 
