@@ -29,6 +29,11 @@ def parse_args(argv):
   args = p.parse_args(rest)
   if not args.gin_file:
     p.error("give at least one --gin_file (e.g. configs/runs/demo.gin)")
+  multi_host = (args.coordinator_address, args.num_processes, args.process_id)
+  if any(a is not None for a in multi_host) and (None in multi_host):
+    p.error("multi-host runs need all of --coordinator_address, --num_processes and --process_id")
+  if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    p.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
   return args, bindings
 
 
@@ -92,12 +97,17 @@ def main(argv=None) -> int:
   try:
     run_lib.run(args.workdir)
   except NonFiniteLoss as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_without_gin_context(e)}", file=sys.stderr)
     return 3
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # OSError: a data file that is missing, a directory, unreadable
+    print(f"error: {_without_gin_context(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def _without_gin_context(e: Exception) -> str:
+  """The message without the "  In call to configurable 'train' (<function ...>)" lines gin appends."""
+  return "\n".join(line for line in str(e).splitlines() if not line.startswith("  In call to configurable"))
 
 
 if __name__ == "__main__":

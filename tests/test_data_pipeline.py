@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,6 +157,30 @@ def test_seq2seq_from_jsonl(tmp_path):
   assert b["target_ids"][0][seg].tolist() == want
   assert b["loss_weights"][0][seg].tolist() == [0] * (len(want) - 2) + [1, 1]
 
+
+
+def test_bad_documents_are_named_by_file_and_line_before_training(tmp_path):
+  good = json.dumps({"inputs": "1 2", "targets": "3"})
+  seq2seq = data.DataConfig(objective="seq2seq", batch_size=2, inputs_length=6, targets_length=4)
+  for n, (line, message) in enumerate([(json.dumps({"inputs": "1 2"}), 'no "targets" field'),
+                                       (json.dumps({"inputs": "1", "targets": 7}), '"targets" must be a string'),
+                                       (json.dumps(["1", "2", "3"]), "not a JSON object (a list)"),
+                                       ('"just a string"', "not a JSON object (a str)")]):
+    path = tmp_path / f"bad{n}.jsonl"
+    path.write_text("\n".join([good, "", line, good]) + "\n")  # the bad record is on line 3
+    config = data.DataConfig(**{**seq2seq.__dict__, "files": (str(path),)})
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+      data.make_batches(config, TOK, process_index=0, process_count=1)
+  text = tmp_path / "latin1.txt"
+  text.write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=re.escape(f"{text}:2: not UTF-8 text")):
+    data.read_documents(str(text))
+  bom = tmp_path / "bom.txt"
+  bom.write_bytes("\ufeffhello\nworld\n".encode("utf-8"))
+  docs = data.read_documents(str(bom))
+  assert list(docs) == ["hello", "world"] and docs.origin(1) == f"{bom}:2"
+  with pytest.raises(IsADirectoryError, match="is a directory"):
+    data.read_documents(str(tmp_path))
 
 def _sentencepiece(tmp_path):
   import sentencepiece as spm

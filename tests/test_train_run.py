@@ -166,3 +166,61 @@ def test_unwritable_workdir_exits_2(tmp_path, env):
   r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--gin_file=configs/runs/demo.gin",
                       f"--workdir={blocker}/wd"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and f"--workdir {blocker}/wd: cannot create or write it" in r.stderr, r.stderr[-2000:]
+
+
+def test_multi_host_flags_need_each_other(tmp_path, env):
+  for flags, message in [(["--num_processes=2"], "need all of --coordinator_address, --num_processes"),
+                         (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=5"],
+                          "--process_id must be in [0, 2), got 5")]:
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--gin_file=configs/runs/demo.gin",
+                        f"--workdir={tmp_path}", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+GEMMA_TINY = ["--gin.TRAIN_STEPS=2", "--gin.SAVE_EVERY=1", "--gin.BATCH_SIZE=2", "--gin.train.log_every=1",
+              "--gin.GemmaConfig.vocab_size=128", "--gin.GemmaConfig.d_model=32", "--gin.GemmaConfig.d_ff=64",
+              "--gin.GemmaConfig.num_layers=2", "--gin.GemmaConfig.num_heads=2", "--gin.GemmaConfig.num_kv_heads=1",
+              "--gin.GemmaConfig.head_dim=16", "--gin.GemmaConfig.query_pre_attn_scalar=16",
+              "--gin.GemmaConfig.sliding_window=8", "--gin.GemmaConfig.sliding_pattern=2", "--gin.DataConfig.length=32",
+              "--gin.run.sample_prompts=['the quick']", "--gin.run.sample_max_new_tokens=3"]
+
+
+def test_gemma_lm_run_on_files_resumes_refuses_another_model_and_exports(tmp_path, env):
+  """configs/runs/gemma_lm.gin end to end on a text file (it crashed at step 1 on GemmaConfig.dropout_rate):
+  the workdir carries the tokenizer, a rerun with another model is refused, and the converter exports it."""
+  import io
+  import sentencepiece as spm
+  words = "the quick brown fox jumps over a lazy dog data model token text".split()
+  rng = np.random.default_rng(0)
+  lines = [" ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(300)]
+  (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+  tok_dir = tmp_path / "tok"
+  tok_dir.mkdir()
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, minloglevel=2, vocab_size=60,
+                                 model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+                                 eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>")
+  (tok_dir / "tokenizer.model").write_bytes(model.getvalue())
+  workdir = tmp_path / "wd"
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--gin_file=configs/runs/gemma_lm.gin",
+         f"--workdir={workdir}", f"--gin.run.files=['{tmp_path / 'corpus.txt'}']",
+         f"--gin.run.tokenizer_dir='{tok_dir}'", *GEMMA_TINY]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (workdir / "samples.jsonl").exists() and set(_metrics(workdir)) == {1, 2}
+  loaded = t5x_lite.load(str(workdir), progress=False)
+  assert loaded.tokenizer is not None and loaded.tokenizer.encode("the quick") == \
+      t5x_lite.tokenizer.load_tokenizer(str(tok_dir), "gemma").encode("the quick")
+
+  r = subprocess.run(cmd + ["--gin.TRAIN_STEPS=3", "--gin.GemmaConfig.mlp_activation='gelu'"], cwd=REPO, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2 and "holds a run of another model (mlp_activation: 'gelu_tanh' -> 'gelu')" in r.stderr, \
+      r.stderr[-2000:]
+  r = subprocess.run(cmd + ["--gin.TRAIN_STEPS=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "resuming from the checkpoint of step 2" in r.stderr, r.stderr[-2000:]
+
+  r = subprocess.run([sys.executable, "-m", "t5x_lite.convert", "--to-hf", str(workdir), "--out", str(tmp_path / "hf")],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "tokenizer.model").exists()

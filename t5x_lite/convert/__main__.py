@@ -13,7 +13,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m t5x_lite.convert", description=__doc__.split("\n")[0])
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--from-hf", metavar="HF_DIR", help="transformers model directory to convert to ours")
-  src.add_argument("--to-hf", metavar="CKPT_DIR", help="t5x_lite checkpoint (or HF dir) to export for transformers")
+  src.add_argument("--to-hf", metavar="CKPT_DIR",
+                   help="t5x_lite checkpoint, train.py workdir (its latest checkpoint) or HF dir, for transformers")
   parser.add_argument("--out", required=True, help="output directory (must not hold a checkpoint already)")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                       help="parameter dtype to store (default: as the source)")
@@ -36,8 +37,10 @@ def main(argv=None) -> int:
       model = t5x_lite.load(args.from_hf, dtype=args.dtype or _source_dtype(args.from_hf))
       model.save(args.out)
     else:
-      if not checkpoint.is_checkpoint_dir(args.to_hf) and not os.path.exists(os.path.join(args.to_hf, "config.json")):
-        raise ConversionError(f"{args.to_hf}: not a t5x_lite checkpoint (no config.json with params/)")
+      if not (checkpoint.is_checkpoint_dir(args.to_hf) or os.path.exists(os.path.join(args.to_hf, "config.json"))
+              or _is_workdir(args.to_hf)):
+        raise ConversionError(f"{args.to_hf}: not a t5x_lite checkpoint (no config.json with params/) or a "
+                              "train.py workdir (no checkpoints/)")
       # Loaded in the dtype to write, as the export writes the params' own dtype (float32 would double a bf16 model).
       model = t5x_lite.load(args.to_hf, dtype=args.dtype or _source_dtype(args.to_hf))
       model.save_hf(args.out, max_shard_bytes=args.max_shard_size_mb * 1024 ** 2)
@@ -55,6 +58,10 @@ def _source_dtype(model_dir: str) -> str:
   from t5x_lite.convert import checkpoint  # pylint: disable=import-outside-toplevel
   if checkpoint.is_checkpoint_dir(model_dir):
     return checkpoint.read_config(model_dir).param_dtype
+  if _is_workdir(model_dir):  # the model of its run, as train.py writes it beside the checkpoints
+    path = os.path.join(model_dir, "model_config.json")
+    with open(path) as f:
+      return checkpoint.config_from_json(f.read(), path).param_dtype
   try:
     with open(os.path.join(model_dir, "config.json")) as f:
       cfg = json.load(f)
@@ -62,6 +69,11 @@ def _source_dtype(model_dir: str) -> str:
     return "float32"  # load() reports the problem with the file named
   dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
   return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _is_workdir(path: str) -> bool:
+  """A train.py workdir: checkpoints/ and the run's model_config.json (what t5x_lite.load reads as one)."""
+  return os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(os.path.join(path, "model_config.json"))
 
 
 if __name__ == "__main__":

@@ -211,12 +211,46 @@ def _host_lanes(batch_size: int, process_index: int | None, process_count: int |
   return range(process_index * per_host, (process_index + 1) * per_host)
 
 
+def check_documents(docs: Sequence[sources.Document], config: DataConfig) -> None:
+  """ValueError naming the first document the objective cannot read (its file:line when `docs` came from
+  `sources.read_documents`), before training starts rather than when the shuffled stream reaches it."""
+  for i, doc in enumerate(docs):
+    problem = _document_problem(doc, config)
+    if problem:
+      where = docs.origin(i) if isinstance(docs, sources.Documents) else f"document {i}"
+      raise ValueError(f"{where}: {problem}")
+
+
+def _document_problem(doc, config: DataConfig) -> str:
+  if config.objective == "seq2seq":
+    if isinstance(doc, dict):
+      for key in ("inputs", "targets"):
+        if key not in doc:
+          return f'no "{key}" field (seq2seq records need "inputs" and "targets"; it has {sorted(doc)})'
+        if not isinstance(doc[key], str):
+          return f'"{key}" must be a string, got {type(doc[key]).__name__}'
+      return ""
+    if isinstance(doc, (list, tuple)) and len(doc) == 2 and all(isinstance(x, str) for x in doc):
+      return ""
+    return f'a seq2seq document is a record {{"inputs": ..., "targets": ...}}, got {type(doc).__name__}'
+  if isinstance(doc, str):
+    return ""
+  if isinstance(doc, dict):
+    if not isinstance(doc.get(config.text_key), str):
+      return (f'no string "{config.text_key}" field (DataConfig.text_key) in this record; it has {sorted(doc)}'
+              if config.text_key not in doc else f'"{config.text_key}" must be a string')
+    return ""
+  return f"a document is a string or a record, got {type(doc).__name__}"
+
+
 def make_dataset(config: DataConfig, tokenizer, *, documents: Sequence[sources.Document] | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
   """This host's batches as a grain IterDataset (see `make_batches`)."""
-  docs = list(documents) if documents is not None else sources.read_documents(config.files)
+  docs = documents if documents is not None else sources.read_documents(config.files)
   if not docs:
     raise ValueError("no documents: give `documents` or `config.files`")
+  check_documents(docs, config)
+  docs = list(docs)
   lanes = _host_lanes(config.batch_size, process_index, process_count)
   ds = grain.MapDataset.source(docs)
   if config.shuffle:

@@ -8,6 +8,8 @@ use one of grain's random-access sources (e.g. ArrayRecord) in place of the list
 
 from __future__ import annotations
 
+import array
+import bisect
 import glob
 import json
 import os
@@ -28,27 +30,57 @@ def _expand(paths: str | Sequence[str]) -> list[str]:
   return files
 
 
-def read_documents(paths: str | Sequence[str]) -> list[Document]:
+class Documents(list):
+  """A list of documents that remembers each one's file and line, for error messages (`origin(i)`)."""
+
+  def __init__(self):
+    super().__init__()
+    self._paths: list[str] = []
+    self._starts: list[int] = []  # index of each file's first document
+    self._lines = array.array("q")  # 1-based line of every document
+
+  def add(self, doc: Document, path: str, line: int) -> None:
+    if not self._paths or self._paths[-1] != path:
+      self._paths.append(path)
+      self._starts.append(len(self))
+    self.append(doc)
+    self._lines.append(line)
+
+  def origin(self, i: int) -> str:
+    return f"{self._paths[bisect.bisect_right(self._starts, i) - 1]}:{self._lines[i]}"
+
+
+def read_documents(paths: str | Sequence[str]) -> Documents:
   """All documents of `paths` (files or glob patterns), in file order then line order.
 
   `*.jsonl` / `*.json` files hold one JSON object per line (blank lines skipped); any other file is plain text
-  with one document per non-empty line (the newline removed).
+  with one document per non-empty line (the newline removed). A byte-order mark opening a file is dropped.
+  ValueError names the file and line of text that is not UTF-8 or a JSON line that is not an object.
   """
-  docs: list[Document] = []
+  docs = Documents()
   for path in _expand(paths):
+    if os.path.isdir(path):
+      raise IsADirectoryError(f"{path} is a directory: give files or glob patterns such as {path}/*.txt")
     is_json = path.endswith((".jsonl", ".json"))
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        line = line.rstrip("\r\n")
+    with open(path, "rb") as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+          raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
         if not line.strip():
           continue
         if not is_json:
-          docs.append(line)
+          docs.add(line, path, n)
           continue
         try:
-          docs.append(json.loads(line))
+          record = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not a JSON object: {e}") from e
+          raise ValueError(f"{path}:{n}: not a JSON object: {e}") from None
+        if not isinstance(record, dict):
+          raise ValueError(f"{path}:{n}: not a JSON object (a {type(record).__name__}); JSONL documents are "
+                           'objects such as {"text": ...} or {"inputs": ..., "targets": ...}')
+        docs.add(record, path, n)
   return docs
 
 

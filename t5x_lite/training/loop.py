@@ -63,6 +63,30 @@ def _global_batch(local: dict, mesh) -> dict:
   return out
 
 
+# Model config fields a resumed run may change: how the model computes, not what it computes.
+RESUMABLE_CHANGES = ("dtype", "remat", "dropout_rate", "classifier_dropout")
+
+
+def check_same_model(workdir: str, config_json: str) -> None:
+  """ValueError when the run in `workdir` (its model_config.json) trained another model than `config_json`.
+
+  Without it a resumed run with, say, another activation would go on silently with weights trained for the old
+  one, and one with other shapes would fail inside orbax's restore without naming the cause.
+  """
+  path = os.path.join(workdir, "model_config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    before = json.load(f)
+  now = json.loads(config_json)
+  changed = [k for k in sorted(set(before["config"]) | set(now["config"]))
+             if k not in RESUMABLE_CHANGES and before["config"].get(k) != now["config"].get(k)]
+  if before["family"] != now["family"] or changed:
+    diffs = "; ".join(f"{k}: {before['config'].get(k)!r} -> {now['config'].get(k)!r}" for k in changed[:5])
+    raise ValueError(f"{workdir} holds a run of another model ({diffs or before['family'] + ' -> ' + now['family']})"
+                     f": resume it with its own configuration ({path}), or give a new --workdir")
+
+
 @gin.configurable(denylist=["workdir", "documents", "eval_documents", "tokenizer"])
 def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, tokenizer=None,
           documents=None, eval_documents=None, train_steps: int = gin.REQUIRED, save_every: int = 100,
@@ -111,17 +135,25 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
       params = init(jax.random.key(seed))
     return make_state(params)
 
+  tokenizer_ids = getattr(tokenizer, "vocab_size", 0)  # a test's stand-in tokenizer may not say
+  if tokenizer_ids > config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer_ids} ids but the model's vocab_size is {config.vocab_size}: "
+                     "ids past it would index outside the embedding")
   checkpoints = RunCheckpoints(workdir, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpoints)
   config_json = config_to_json(config)
   batches = make_batches(data, tokenizer, documents=documents)
   with jax.set_mesh(mesh):
     start = checkpoints.latest_step()
+    if start is not None:
+      check_same_model(workdir, config_json)
     if start is None:
       state = fresh_state()
     else:
       restored, data_state = checkpoints.restore(start, abstract_state)
       state = {"step": jnp.int32(start), "params": restored["params"], "opt_state": restored["opt_state"]}
       batches.set_state(data_state)
+      if jax.process_index() == 0:
+        print(f"{workdir}: resuming from the checkpoint of step {start}", file=sys.stderr)
     start = start or 0
   if start >= train_steps:
     print(f"{workdir}: the latest checkpoint is at step {start} and train_steps is {train_steps}: nothing to train "
@@ -148,7 +180,7 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
         window_tokens += float(np.sum(batch_weights(local))) * jax.process_count()
         window_flops += flops_of_batch(local) * jax.process_count()
         checksum = (checksum * 31 + data_checksum(local)) % (1 << 31)
-        key = jax.random.fold_in(jax.random.key(seed), step) if config.dropout_rate else None
+        key = jax.random.fold_in(jax.random.key(seed), step) if getattr(config, "dropout_rate", 0) else None
         state, metrics = train_step(state, _global_batch(local, mesh), key)
         nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"]) | ~metrics.pop("params_finite")
         is_log = step % log_every == 0 or step == train_steps

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import sentencepiece as spm
 
+from t5x_lite.convert.hf import tokenizer_files
 from t5x_lite.data import pipeline, sources
 from t5x_lite.data.stdlib_corpus import split_train_eval, stdlib_docstrings
 from t5x_lite.tokenizer import load_tokenizer
@@ -62,12 +63,21 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
       multihost_utils.sync_global_devices("sentencepiece model written")
     tokenizer = load_tokenizer(workdir, "t5")
   elif corpus == "files":
+    if not files:
+      raise ValueError("corpus 'files' needs run.files: the text / JSONL files (or glob patterns) to train on "
+                       "(train.py builds the corpus from run.files; DataConfig.files is not read then)")
     docs = sources.read_documents(files)
+    if not docs:
+      raise ValueError(f"no documents in {list(files)}: the files hold only blank lines")
     train_docs, eval_docs = split_train_eval(docs) if docs and isinstance(docs[0], str) else (docs, [])
     tokenizer = load_tokenizer(tokenizer_dir, tokenizer_family) if tokenizer_dir else None
     if tokenizer is None:
       raise ValueError(f"corpus 'files' needs tokenizer_dir holding spiece.model / tokenizer.model "
                        f"(got {tokenizer_dir!r})")
+    if jax.process_index() == 0:  # the workdir is a model directory: load(workdir).tokenizer, sample prompts
+      for name, content in tokenizer_files(tokenizer_dir).items():
+        with open(os.path.join(workdir, name), "wb") as f:
+          f.write(content)
   else:
     raise ValueError(f"corpus must be 'stdlib' or 'files', got {corpus!r}")
 
