@@ -208,6 +208,7 @@ def test_gemma_lm_run_on_files_resumes_refuses_another_model_and_exports(tmp_pat
          f"--gin.run.tokenizer_dir='{tok_dir}'", *GEMMA_TINY]
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
+  assert "starting at step 0 from a random initialisation (seed 0)" in r.stderr
   assert (workdir / "samples.jsonl").exists() and set(_metrics(workdir)) == {1, 2}
   loaded = t5x_lite.load(str(workdir), progress=False)
   assert loaded.tokenizer is not None and loaded.tokenizer.encode("the quick") == \
@@ -217,8 +218,11 @@ def test_gemma_lm_run_on_files_resumes_refuses_another_model_and_exports(tmp_pat
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 2 and "holds a run of another model (mlp_activation: 'gelu_tanh' -> 'gelu')" in r.stderr, \
       r.stderr[-2000:]
+  with open(tmp_path / "corpus.txt", "a") as f:
+    f.write("a new line of text\n")  # the corpus changed: the resumed run says so
   r = subprocess.run(cmd + ["--gin.TRAIN_STEPS=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "resuming from the checkpoint of step 2" in r.stderr, r.stderr[-2000:]
+  assert "was trained on another corpus" in r.stderr, r.stderr[-2000:]
 
   r = subprocess.run([sys.executable, "-m", "t5x_lite.convert", "--to-hf", str(workdir), "--out", str(tmp_path / "hf")],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -147,6 +147,9 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
     if start is not None:
       check_same_model(workdir, config_json)
     if start is None:
+      if jax.process_index() == 0:  # a fine-tuning config run without its base checkpoint would train from scratch
+        print(f"{workdir}: starting at step 0 from "
+              f"{init_params_from if init_params_from else f'a random initialisation (seed {seed})'}", file=sys.stderr)
       state = fresh_state()
     else:
       restored, data_state = checkpoints.restore(start, abstract_state)

@@ -1,5 +1,6 @@
 """A whole run as train.py starts it: corpus and tokenizer, training, then generation from the checkpoint."""
 
+import hashlib
 import io
 import json
 import math
@@ -51,7 +52,13 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
   """corpus "stdlib": the installed standard library's docstrings with a sentencepiece model trained on them
   (kept in WORKDIR so a resumed run reuses it); "files": `files` (text/JSONL) with the tokenizer in
   `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model). After training, the
-  latest checkpoint is loaded and greedy-decodes `sample_prompts`."""
+  latest checkpoint is loaded and greedy-decodes `sample_prompts`.
+
+  Plain-text corpora hold out ~2% of their lines (by content hash) as the eval split that `train.eval_every`
+  reads; JSONL records are all trained on (no eval split). A rerun on documents other than the first run's
+  (compared by a fingerprint kept in WORKDIR/corpus_fingerprint.json) warns: the data iterator resumes by
+  position, so it would go on over the new corpus from the old one's place.
+  """
   os.makedirs(workdir, exist_ok=True)
   if corpus == "stdlib":
     train_docs, eval_docs = split_train_eval(stdlib_docstrings(max_documents))
@@ -81,6 +88,8 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
   else:
     raise ValueError(f"corpus must be 'stdlib' or 'files', got {corpus!r}")
 
+  if jax.process_index() == 0:
+    _check_fingerprint(workdir, train_docs)
   stats_path = os.path.join(workdir, "corpus_stats.json")
   if corpus == "stdlib" and not os.path.exists(stats_path) and jax.process_index() == 0:
     stats = {"train_documents": len(train_docs), "eval_documents": len(eval_docs),
@@ -99,6 +108,25 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
     for s in samples:
       print(f"  {s['prompt']!r} -> {s['output']!r}")
   return metrics
+
+
+def _check_fingerprint(workdir: str, documents) -> None:
+  """Writes the corpus fingerprint on the first start; warns on a later start whose documents differ."""
+  digest = hashlib.sha256()
+  for doc in documents:
+    digest.update(json.dumps(doc, sort_keys=True).encode())
+  now = {"documents": len(documents), "sha256": digest.hexdigest()}
+  path = os.path.join(workdir, "corpus_fingerprint.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before != now:
+      print(f"WARNING: {workdir} was trained on another corpus ({before['documents']} documents, now "
+            f"{now['documents']}); a resumed run continues the data iterator by position over the new one",
+            file=sys.stderr)
+    return
+  with open(path, "w") as f:
+    json.dump(now, f)
 
 
 def generate_samples(workdir: str, prompts, max_new_tokens: int) -> list[dict]:
