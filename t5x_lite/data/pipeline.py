@@ -246,7 +246,10 @@ def _document_problem(doc, config: DataConfig) -> str:
 def make_dataset(config: DataConfig, tokenizer, *, documents: Sequence[sources.Document] | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
   """This host's batches as a grain IterDataset (see `make_batches`)."""
-  docs = documents if documents is not None else sources.read_documents(config.files)
+  if documents is None:
+    docs = sources.read_documents(config.files)
+  else:  # Documents keep their file:line origins for check_documents; anything else (a generator) becomes a list
+    docs = documents if isinstance(documents, sources.Documents) else list(documents)
   if not docs:
     raise ValueError("no documents: give `documents` or `config.files`")
   check_documents(docs, config)
