@@ -111,13 +111,13 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
 
 
 def _check_fingerprint(workdir: str, documents) -> None:
-  """Writes the corpus fingerprint on the first start; warns on a later start whose documents differ."""
+  """Writes the corpus fingerprint until the run has a checkpoint; then warns on a start whose documents differ."""
   digest = hashlib.sha256()
   for doc in documents:
     digest.update(json.dumps(doc, sort_keys=True).encode())
   now = {"documents": len(documents), "sha256": digest.hexdigest()}
   path = os.path.join(workdir, "corpus_fingerprint.json")
-  if os.path.exists(path):
+  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
       before = json.load(f)
     if before != now:
