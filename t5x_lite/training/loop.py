@@ -102,6 +102,10 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   """
   os.makedirs(workdir, exist_ok=True)
   config = model
+  tokenizer_ids = getattr(tokenizer, "vocab_size", 0)  # a test's stand-in tokenizer may not say
+  if tokenizer_ids > config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer_ids} ids but the model's vocab_size is {config.vocab_size}: "
+                     "ids past it would index outside the embedding")
   mesh = sharding.make_mesh(mesh_spec or f"data:{jax.device_count()}")
   family = family_of_config(config)
   specs = family.model.param_specs(config)
@@ -135,10 +139,6 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
       params = init(jax.random.key(seed))
     return make_state(params)
 
-  tokenizer_ids = getattr(tokenizer, "vocab_size", 0)  # a test's stand-in tokenizer may not say
-  if tokenizer_ids > config.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer_ids} ids but the model's vocab_size is {config.vocab_size}: "
-                     "ids past it would index outside the embedding")
   checkpoints = RunCheckpoints(workdir, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpoints)
   config_json = config_to_json(config)
   batches = make_batches(data, tokenizer, documents=documents)
