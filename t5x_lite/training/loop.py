@@ -152,9 +152,8 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
               f"{init_params_from if init_params_from else f'a random initialisation (seed {seed})'}", file=sys.stderr)
       state = fresh_state()
     else:
-      restored, data_state = checkpoints.restore(start, abstract_state)
+      restored = checkpoints.restore(start, abstract_state, batches)
       state = {"step": jnp.int32(start), "params": restored["params"], "opt_state": restored["opt_state"]}
-      batches.set_state(data_state)
       if jax.process_index() == 0:
         print(f"{workdir}: resuming from the checkpoint of step {start}", file=sys.stderr)
     start = start or 0
@@ -210,7 +209,7 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
           writer.write(step, evaluate(eval_step, state["params"], data, tokenizer, eval_documents, eval_steps, mesh),
                        prefix="eval")
         if is_save or stop:
-          checkpoints.save(step, state, batches.get_state(), config_json, force=True)
+          checkpoints.save(step, state, batches, config_json, force=True)
         bar.update(1)
         if stop:
           preempted = True
