@@ -4,7 +4,9 @@
   multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
 `--gin.NAME=VALUE` is a gin binding (`NAME = VALUE`): a macro such as TRAIN_STEPS or a parameter such as
-train.log_every. SIGTERM saves a checkpoint and exits 0; rerunning the same command continues the run.
+train.log_every. Gin files are read from the working directory, else from the project's configs (so
+`configs/runs/demo.gin` works from anywhere). SIGTERM or Ctrl-C saves a checkpoint and exits 0; rerunning the same
+command continues the run. A workdir is used by one run at a time.
 """
 
 import argparse
@@ -37,29 +39,6 @@ def parse_args(argv):
   return args, bindings
 
 
-def parse_gin(gin, files: list[str], bindings: list[str], repo: str) -> None:
-  """Parses the gin files, then the command-line bindings, and finalises the config.
-
-  Raises FileNotFoundError for a gin file found neither as given nor under the repository (gin itself fails
-  there with a TypeError), and ValueError for a binding of a macro that no gin file defines: gin would accept
-  `--gin.TRAIN_STEPZ=3` as a new macro nobody reads and run the default number of steps.
-  """
-  for f in files:
-    if not (os.path.isfile(f) or os.path.isfile(os.path.join(repo, f))):
-      where = os.getcwd() if os.path.samefile(os.getcwd(), repo) else f"{os.getcwd()} and {repo}"
-      raise FileNotFoundError(f"gin file {f!r} not found (looked in {where})")
-  gin.parse_config_files_and_bindings(files, None, finalize_config=False)
-  for binding in bindings:
-    name = binding.split("=", 1)[0].strip()
-    if "." not in name and "/" not in name:  # a macro (parameters are checked by gin against configurables)
-      try:
-        gin.query_parameter(f"%{name}")
-      except ValueError:
-        raise ValueError(f"--gin.{name}: no gin file defines the macro {name}; a misspelling? (bind parameters "
-                         "as Configurable.parameter)") from None
-  gin.parse_config_files_and_bindings(None, bindings)
-
-
 def main(argv=None) -> int:
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
   from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
@@ -71,15 +50,14 @@ def main(argv=None) -> int:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                process_id=args.process_id)
-  import gin  # pylint: disable=import-outside-toplevel
   import t5x_lite.config  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers configurables)
   from t5x_lite.data import pipeline  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from t5x_lite.training import gin_files  # pylint: disable=import-outside-toplevel
   from t5x_lite.training import run as run_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.training.loop import NonFiniteLoss  # pylint: disable=import-outside-toplevel
-  repo = os.path.dirname(os.path.abspath(__file__))
-  gin.add_config_file_search_path(repo)
+  from t5x_lite.training.workdir import WorkdirInUse  # pylint: disable=import-outside-toplevel
   try:
-    parse_gin(gin, args.gin_file, bindings, repo)
+    gin_files.parse(args.gin_file, bindings)
   except SyntaxError as e:
     print(f"error: gin configuration: {e}\n(values are Python literals: quote strings, e.g. "
           "--gin.train.optimizer='\"adamw\"')", file=sys.stderr)
@@ -99,9 +77,12 @@ def main(argv=None) -> int:
   except NonFiniteLoss as e:
     print(f"error: {_without_gin_context(e)}", file=sys.stderr)
     return 3
-  except (ValueError, OSError) as e:  # OSError: a data file that is missing, a directory, unreadable
+  except (ValueError, OSError, WorkdirInUse) as e:  # OSError: a data file that is missing, a directory, unreadable
     print(f"error: {_without_gin_context(e)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # before training began, or a second Ctrl-C (the first one saves and exits cleanly)
+    print("\ninterrupted: stopped without saving", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -31,21 +31,43 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | str | None
   for d in (dtype, param_dtype):
     if d not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"dtype must be float32, bfloat16 or float16, got {d!r}")
-  if not os.path.isdir(path):
-    raise ConversionError(f"{path}: not a directory")
-  if checkpoint.is_checkpoint_dir(path):
+  kind = _source_kind(path)
+  if kind == "checkpoint":
     config, params = checkpoint.load_checkpoint(path, mesh=mesh, param_dtype=param_dtype, compute_dtype=dtype)
-  elif os.path.isdir(os.path.join(path, "checkpoints")):  # a train.py workdir: its latest checkpoint
+  elif kind == "workdir":  # its latest checkpoint
     from t5x_lite.training.checkpoints import load_run_params  # pylint: disable=import-outside-toplevel
     config, params, _ = load_run_params(path, mesh=mesh, param_dtype=param_dtype, compute_dtype=dtype)
-  elif os.path.exists(os.path.join(path, "config.json")):
+  else:
     reader = hf.CheckpointReader(path)
     config = hf.load_hf_config(path, reader).replace(dtype=dtype, param_dtype=param_dtype)
     params = hf.load_hf_params(path, config, mesh=mesh, progress=progress, reader=reader)
-  else:
-    raise ConversionError(f"{path}: no config.json here: not an HF model directory or a t5x_lite checkpoint")
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   return Model(config, params, tokenizer=load_tokenizer(path, config.family), mesh=mesh, source_dir=path)
+
+
+def read_config(path: str):
+  """The model config of any directory `load` takes, without reading its weights (an HF directory's tensor
+  names are read, as they decide tying)."""
+  kind = _source_kind(path)
+  if kind == "checkpoint":
+    return checkpoint.read_config(path)
+  if kind == "workdir":
+    from t5x_lite.training.checkpoints import read_run_config  # pylint: disable=import-outside-toplevel
+    return read_run_config(path)
+  return hf.load_hf_config(path)
+
+
+def _source_kind(path: str) -> str:
+  """"checkpoint" (ours), "workdir" (train.py's) or "hf"; ConversionError for anything else."""
+  if not os.path.isdir(path):
+    raise ConversionError(f"{path}: not a directory")
+  if checkpoint.is_checkpoint_dir(path):
+    return "checkpoint"
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return "workdir"
+  if os.path.exists(os.path.join(path, "config.json")):
+    return "hf"
+  raise ConversionError(f"{path}: no config.json here: not an HF model directory or a t5x_lite checkpoint")
 
 
 class Model:

@@ -57,11 +57,32 @@ def test_finetune_starts_from_checkpoint_and_resumes_without_it(tmp_path):
   assert moved > 0  # steps 2 and 3 did train
 
 
-def test_finetune_from_a_checkpoint_of_another_shape_names_the_tensor(tmp_path):
+def test_finetune_config_comes_from_the_checkpoint_and_other_models_are_refused(tmp_path):
+  """The base checkpoint's config is the model: settings of how it computes may change (dropout here), a model
+  that differs is refused with every differing field listed, before anything is written."""
   base = tmp_path / "hf"
   build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), base)
-  config = t5x_lite.load(str(base), progress=False).config.replace(d_ff=48)
+  config = t5x_lite.load(str(base), progress=False).config
   data = DataConfig(objective="seq2seq", batch_size=8, inputs_length=32, targets_length=8)
-  with pytest.raises(ValueError, match=r"init_params_from=.*hf: params\['decoder'\].*\(3, 32, 64\) in the check"):
-    train(str(tmp_path / "run"), model=config, data=data, tokenizer=CharTokenizer(), documents=DOCUMENTS,
-          train_steps=1, init_params_from=str(base), async_checkpoints=False, progress=False)
+  run = tmp_path / "run"
+  with pytest.raises(ValueError) as refused:
+    train(str(run), model=config.replace(d_ff=48, num_heads=2, head_dim=16, dropout_rate=0.3), data=data,
+          tokenizer=CharTokenizer(), documents=DOCUMENTS, train_steps=1, init_params_from=str(base),
+          async_checkpoints=False, progress=False)
+  message = str(refused.value)
+  assert "configures 3 field(s) otherwise" in message and "d_ff: 48 configured, 64 in the checkpoint" in message
+  assert "num_heads: 2 configured, 4" in message and "head_dim: 16 configured, 8" in message
+  assert "dropout_rate" not in message.split("(only")[0] and not run.exists()
+
+  # A config of another family: named, nothing written either.
+  from t5x_lite.config import GemmaConfig  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="holds a t5 model .* but the run configures a GemmaConfig"):
+    train(str(run), model=GemmaConfig(), data=data, tokenizer=CharTokenizer(), documents=DOCUMENTS, train_steps=1,
+          init_params_from=str(base), async_checkpoints=False, progress=False)
+  assert not run.exists()
+
+  # Only a changeable setting differs: the run trains the checkpoint's model with it.
+  train(str(run), model=config.replace(dropout_rate=0.3), data=data, tokenizer=CharTokenizer(), documents=DOCUMENTS,
+        train_steps=1, init_params_from=str(base), async_checkpoints=False, progress=False)
+  trained = t5x_lite.load(str(run), progress=False).config
+  assert trained == config.replace(dropout_rate=0.3)

@@ -6,6 +6,8 @@ names the field and the value where they enter.
 """
 
 import dataclasses
+import functools
+import inspect
 import numbers
 import types
 import typing
@@ -26,9 +28,35 @@ def check_field_types(config) -> None:
     if isinstance(value, list) and _matches((), hints[field.name]):
       value = tuple(value)
       object.__setattr__(config, field.name, value)  # frozen dataclass: its own __post_init__ may set fields
-    if not _matches(value, hints[field.name]):
-      raise ValueError(f"{type(config).__name__}.{field.name} must be {_describe(hints[field.name])}, "
-                       f"got {value!r} ({type(value).__name__})")
+    check_value(f"{type(config).__name__}.{field.name}", value, hints[field.name])
+
+
+def check_arguments(name: str, arguments: dict, fn) -> None:
+  """`check_value` for each of `arguments` that `fn` annotates; `name` prefixes them (gin's `name.argument`)."""
+  hints = typing.get_type_hints(fn)
+  for arg, value in arguments.items():
+    if arg in hints:
+      check_value(f"{name}.{arg}", value, hints[arg])
+
+
+def checked_arguments(fn):
+  """Decorator: every call checks `fn`'s annotated arguments (`check_arguments` under `fn`'s name), e.g. for a
+  gin-configurable function where `--gin.rsqrt_schedule.base_learning_rate='"1.0"'` would otherwise fail in jit."""
+  signature = inspect.signature(fn)
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    check_arguments(fn.__name__, bound.arguments, fn)
+    return fn(*args, **kwargs)
+  return wrapper
+
+
+def check_value(name: str, value, hint) -> None:
+  """ValueError naming `name` when `value` does not have the annotated type `hint`."""
+  if not _matches(value, hint):
+    raise ValueError(f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
 
 
 def _matches(value, hint) -> bool:

@@ -48,7 +48,7 @@ class GemmaConfig:
   d_ff: int = 6912
   num_layers: int = 26
   layer_types: tuple[str, ...] | None = None  # per layer SLIDING or FULL; None: use sliding_pattern
-  sliding_pattern: int | None = 6  # with no layer_types: layer i is full when (i+1) % pattern == 0; None: all full
+  sliding_pattern: int | None = 6  # no layer_types: layer i is full when (i+1) % pattern == 0; None: all full
   sliding_window: int | None = 512
   query_pre_attn_scalar: float | None = 256  # attention scale is its -0.5 power (None: head_dim)
   attn_logit_softcap: float | None = None  # Gemma 2 only
@@ -82,6 +82,8 @@ class GemmaConfig:
     check_field_types(self)
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+    if self.layer_types is not None:  # the pattern is moot beside explicit types: one model, one config
+      object.__setattr__(self, "sliding_pattern", None)
 
   @property
   def sliding_layers(self) -> tuple[bool, ...]:

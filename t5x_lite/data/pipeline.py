@@ -37,6 +37,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
+from t5x_lite.config.fields import check_field_types
 from t5x_lite.data import packing, sources
 from t5x_lite.data.ul2 import Denoiser, Mixture, ul2_denoisers, ul2_examples
 
@@ -87,12 +88,14 @@ class DataConfig:
   prefetch: int = 0
 
   def __post_init__(self):
+    check_field_types(self)
+    for name in ("batch_size", "inputs_length", "targets_length", "length", "packing_bins"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.objective not in OBJECTIVES:
       raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
     if self.objective == "lm" and not self.decoder_only:
       raise ValueError("objective 'lm' needs decoder_only=True")
-    if self.batch_size < 1 or self.packing_bins < 1:
-      raise ValueError("batch_size and packing_bins must be >= 1")
     if not 0 <= self.seed < 2**32:
       raise ValueError(f"seed must lie in [0, 2**32) (grain's shuffle), got {self.seed}")
 

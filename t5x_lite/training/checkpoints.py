@@ -8,13 +8,17 @@ complete, so a process killed at any moment (kill -9 included) leaves the previo
 `latest_step` only sees finished ones.
 """
 
+import contextlib
 import json
 import logging
 import os
+import sys
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from t5x_lite.errors import ConversionError
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("params", "opt_state", "data", "config")
@@ -53,7 +57,8 @@ class RunCheckpoints:
     legacy_data = self._data_state_file(step)
     if legacy_data is None:
       items["data"] = grain.checkpoint.CheckpointRestore(batches)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    with readable(self.manager, step):
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if legacy_data is not None:
       with open(legacy_data) as f:
         batches.set_state(json.load(f))
@@ -83,42 +88,102 @@ class RunCheckpoints:
     self.manager.close()
 
 
-def latest_checkpoint(workdir: str) -> str | None:
-  """WORKDIR/checkpoints/<latest step> (finished checkpoints only), or None."""
+def latest_step(workdir: str) -> int | None:
+  """The step of the latest finished checkpoint of the run in `workdir`, or None (reads only)."""
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return None
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=ITEMS)
-  step = manager.latest_step()
-  manager.close()
-  return None if step is None else os.path.join(directory, str(step))
+  with _read_only_manager(directory) as manager:
+    return manager.latest_step()
 
 
-def load_run_params(workdir: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
-  """(config, params, step) from the latest checkpoint of a train.py workdir, placed on `mesh` if given."""
-  # Imported here: convert/ knows nothing of training, and this is the one bridge between them.
-  from t5x_lite.convert.checkpoint import (  # pylint: disable=import-outside-toplevel
-      config_from_json, params_restore_target)
-
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+@contextlib.contextmanager
+def _read_only_manager(directory: str):
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager will not save: expected here
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS)
   absl_logger.setLevel(level)
   try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{workdir}: no finished checkpoint under {CHECKPOINT_DIR}/")
-    config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    config = config_from_json(json.dumps(config_json), os.path.join(directory, str(step), "config"))
-    stored_dtype = config.param_dtype
-    target = params_restore_target(config, stored_dtype, mesh)
-    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    yield manager
   finally:
     manager.close()
+
+
+@contextlib.contextmanager
+def readable(manager: ocp.CheckpointManager, step: int):
+  """Turns any failure to read checkpoint `step` (a truncated or deleted file, TensorStore's errors, bad JSON)
+  into a ConversionError that names the step and the run's other checkpoints, instead of orbax's tracebacks."""
+  _silence_abandoned_reads()  # before the restore: orbax's own unwinding already reports some of them
+  try:
+    yield
+    return
+  except Exception as e:  # pylint: disable=broad-exception-caught  (orbax / TensorStore raise many kinds)
+    directory = os.fspath(manager.directory)
+    others = [s for s in manager.all_steps() if s != step]
+    root = e
+    while (root.__cause__ or root.__context__) is not None:  # TensorStore's own message names the tensor and file
+      root = root.__cause__ or root.__context__
+    cause = f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0][:400]}"
+    hint = (f"the run's other checkpoints are steps {', '.join(map(str, others))}: move {directory}/{step} aside "
+            f"to use the latest of them" if others else "the run has no other checkpoint")
+    message = f"checkpoint step {step} in {directory} is unreadable ({cause}); {hint}"
+  raise ConversionError(message)
+
+
+def _silence_abandoned_reads() -> None:
+  """When one read of a restore fails, orbax gives up on the others, which end on an event loop it has closed, each
+  with a traceback (an unraisable "Event loop is closed", a never-awaited orbax read, asyncio's "... exception was
+  never retrieved" for the tasks and futures of TensorStore reads) around and after our one-line error. Installed
+  once, for the process: those reports are dropped, any other goes on as before."""
+  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+        or code is not None and "orbax" in code.co_filename):
+      return
+    previous(unraisable)
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  def keep(record) -> bool:
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message
+                and any(word in message for word in ("orbax", "TensorStore", "OCDBT")))
+  logging.getLogger("asyncio").addFilter(keep)
+
+
+def load_run_params(workdir: str, *, mesh=None, param_dtype: str | None = None, compute_dtype: str | None = None):
+  """(config, params, step) from the latest checkpoint of a train.py workdir, placed on `mesh` if given."""
+  # Imported here: convert/ knows nothing of training, and this is the one bridge between them.
+  from t5x_lite.convert.checkpoint import params_restore_target  # pylint: disable=import-outside-toplevel
+
+  with _read_only_manager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)) as manager:
+    step, config = _latest_config(manager, workdir)
+    stored_dtype = config.param_dtype
+    target = params_restore_target(config, stored_dtype, mesh)
+    with readable(manager, step):
+      params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
   if param_dtype and param_dtype != stored_dtype:
     params = jax.tree.map(lambda x: x.astype(param_dtype), params)
   config = config.replace(param_dtype=param_dtype or stored_dtype, dtype=compute_dtype or config.dtype)
   return config, params, step
+
+
+def read_run_config(workdir: str):
+  """The model config stored with the latest checkpoint of a train.py workdir (no params read)."""
+  with _read_only_manager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)) as manager:
+    return _latest_config(manager, workdir)[1]
+
+
+def _latest_config(manager: ocp.CheckpointManager, workdir: str):
+  from t5x_lite.convert.checkpoint import config_from_json  # pylint: disable=import-outside-toplevel
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir}: no finished checkpoint under {CHECKPOINT_DIR}/")
+  with readable(manager, step):
+    config_json = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  source = os.path.join(os.fspath(manager.directory), str(step), "config")
+  return step, config_from_json(json.dumps(config_json), source)

@@ -1,13 +1,15 @@
 """The training loop: init or resume, step, log, evaluate, checkpoint, survive preemption.
 
 Everything a run needs comes in as explicit, gin-bindable arguments of `train`; the program's structure is
-this file. Resume exactness: a checkpoint at step s holds the params after s updates and the data iterator
-after s batches, and dropout keys derive from (seed, step), so a run killed and restarted (any number of
-times) follows the uninterrupted run's trajectory exactly.
+this file. Resume exactness: a checkpoint at step s holds the params after s updates and every process's data
+iterator after s batches, and dropout keys derive from (seed, step), so a run killed and restarted (any number
+of times, on one process or several) follows the uninterrupted run's trajectory exactly.
+
+Start-up order: settings, model config and workdir checks first (they only read, see workdir.py), then the
+input pipeline (it validates every document), then the workdir lock; only then is anything written or compiled.
 """
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -22,12 +24,14 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from t5x_lite import sharding
-from t5x_lite.convert.checkpoint import config_to_json
+from t5x_lite.config.fields import check_arguments
+from t5x_lite.convert.checkpoint import config_from_json, config_to_json
 from t5x_lite.convert.families import family_of_config
 from t5x_lite.data.pipeline import DataConfig, make_batches
 from t5x_lite.models.params import axes_tree, init_params, is_spec
-from t5x_lite.training import optimizers
-from t5x_lite.training.checkpoints import RunCheckpoints
+from t5x_lite.training import optimizers, workdir as workdir_lib
+from t5x_lite.training.checkpoints import RunCheckpoints, latest_step
+from t5x_lite.training.init_from import config_from_base
 from t5x_lite.training.metrics import MetricsWriter, measure_matmul_peak
 from t5x_lite.training.step import make_eval_step, make_train_step
 
@@ -37,20 +41,28 @@ class NonFiniteLoss(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit cleanly)."""
+  """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks between steps: save, then exit cleanly.
+  A second Ctrl-C interrupts at once, without saving."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the signal's name once one arrived
+    self._previous = {}
 
   def __enter__(self):
     def handler(signum, frame):  # pylint: disable=unused-argument
-      self.requested = True
-    self._previous = signal.signal(signal.SIGTERM, handler)
+      if signum == signal.SIGINT:
+        if self.requested:
+          raise KeyboardInterrupt
+        print("\nCtrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: stop without saving)",
+              file=sys.stderr)
+      self.requested = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, handler)
     return self
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _global_batch(local: dict, mesh) -> dict:
@@ -63,54 +75,92 @@ def _global_batch(local: dict, mesh) -> dict:
   return out
 
 
-# Model config fields a resumed run may change: how the model computes, not what it computes.
-RESUMABLE_CHANGES = ("dtype", "remat", "dropout_rate", "classifier_dropout")
+def _check_settings(settings: dict) -> None:
+  """ValueError naming the first setting of `train` with a wrong type or out of its range (a quoted number, a
+  zero save interval or a negative step count would otherwise fail mid-run or claim a checkpoint never made)."""
+  check_arguments("train", settings, train)
+  for name in ("train_steps", "save_every", "keep_checkpoints", "log_every", "eval_steps", "accumulation_steps"):
+    if settings[name] < 1:
+      raise ValueError(f"train.{name} must be >= 1, got {settings[name]}")
+  for name in ("eval_every", "label_smoothing", "z_loss"):
+    if settings[name] < 0:
+      raise ValueError(f"train.{name} must be >= 0, got {settings[name]}")
 
 
-def check_same_model(workdir: str, config_json: str) -> None:
-  """ValueError when the run in `workdir` (its model_config.json) trained another model than `config_json`.
-
-  Without it a resumed run with, say, another activation would go on silently with weights trained for the old
-  one, and one with other shapes would fail inside orbax's restore without naming the cause.
-  """
-  path = os.path.join(workdir, "model_config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    before = json.load(f)
-  now = json.loads(config_json)
-  changed = [k for k in sorted(set(before["config"]) | set(now["config"]))
-             if k not in RESUMABLE_CHANGES and before["config"].get(k) != now["config"].get(k)]
-  if before["family"] != now["family"] or changed:
-    diffs = "; ".join(f"{k}: {before['config'].get(k)!r} -> {now['config'].get(k)!r}" for k in changed[:5])
-    raise ValueError(f"{workdir} holds a run of another model ({diffs or before['family'] + ' -> ' + now['family']})"
-                     f": resume it with its own configuration ({path}), or give a new --workdir")
-
-
-@gin.configurable(denylist=["workdir", "documents", "eval_documents", "tokenizer"])
+@gin.configurable(denylist=["workdir", "documents", "eval_documents", "tokenizer", "tokenizer_files"])
 def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, tokenizer=None,
-          documents=None, eval_documents=None, train_steps: int = gin.REQUIRED, save_every: int = 100,
-          keep_checkpoints: int = 3, log_every: int = 10, eval_every: int = 0, eval_steps: int = 4,
-          seed: int = 0, mesh_spec: str = "", optimizer: str = "adafactor", schedule: str = "rsqrt",
-          label_smoothing: float = 0.0, z_loss: float = 1e-4, accumulation_steps: int = 1,
+          documents=None, eval_documents=None, tokenizer_files: dict[str, bytes] | None = None,
+          train_steps: int = gin.REQUIRED, save_every: int = 100, keep_checkpoints: int = 3, log_every: int = 10,
+          eval_every: int = 0, eval_steps: int = 4, seed: int = 0, mesh_spec: str = "", optimizer: str = "adafactor",
+          schedule: str = "rsqrt", label_smoothing: float = 0.0, z_loss: float = 1e-4, accumulation_steps: int = 1,
           init_params_from: str | None = None, async_checkpoints: bool = True, progress: bool = True) -> dict:
   """Trains `model` (a T5Config / GemmaConfig) on `data` until `train_steps`, resuming from WORKDIR.
 
   `tokenizer` and `documents` come from the caller (train.py builds them: a corpus file, or the demo's
-  standard-library docstrings). `init_params_from` fine-tunes from an HF or t5x_lite checkpoint.
-  Returns the last logged metrics, with "preempted": True when SIGTERM ended the run early (after saving).
+  standard-library docstrings); `tokenizer_files` (name -> bytes, from `tokenizer_dir`) are written into the
+  workdir so that it loads as a model, and a resumed run must bring the same ones. `init_params_from` fine-tunes
+  from an HF or t5x_lite checkpoint (or a workdir), whose own config is the model (init_from.py).
+  Returns the last logged metrics, with "preempted": True when SIGTERM / Ctrl-C ended the run early (after saving).
   """
-  os.makedirs(workdir, exist_ok=True)
-  config = model
+  settings = dict(train_steps=train_steps, save_every=save_every, keep_checkpoints=keep_checkpoints,
+                  log_every=log_every, eval_every=eval_every, eval_steps=eval_steps, seed=seed, mesh_spec=mesh_spec,
+                  optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing, z_loss=z_loss,
+                  accumulation_steps=accumulation_steps, init_params_from=init_params_from,
+                  async_checkpoints=async_checkpoints, progress=progress)
+  _check_settings(settings)
+  tokenizer_files = tokenizer_files or {}
+  start = latest_step(workdir)
+  config = _model_config(model, workdir, start, init_params_from)
   tokenizer_ids = getattr(tokenizer, "vocab_size", 0)  # a test's stand-in tokenizer may not say
   if tokenizer_ids > config.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer_ids} ids but the model's vocab_size is {config.vocab_size}: "
                      "ids past it would index outside the embedding")
+  config_json = config_to_json(config)
+  fingerprint = workdir_lib.corpus_fingerprint(documents) if documents is not None else None
+  if start is not None:
+    workdir_lib.check_same_model(workdir, config_json)
+    workdir_lib.check_same_tokenizer(workdir, tokenizer_files, "the run's tokenizer_dir")
+    if fingerprint is not None and jax.process_index() == 0:
+      workdir_lib.warn_if_other_corpus(workdir, fingerprint)
+    fingerprint = None  # the first start's stays
   mesh = sharding.make_mesh(mesh_spec or f"data:{jax.device_count()}")
+  opt, sched = optimizers.make_optimizer(optimizer, schedule)  # checks the optimizer's and schedule's settings
+  batches = make_batches(data, tokenizer, documents=documents)  # checks every document
+  for name in ("mesh_spec", "optimizer", "schedule"):
+    del settings[name]
+  try:
+    with workdir_lib.run_lock(workdir):
+      workdir_lib.write_run_files(workdir, config_json=config_json, gin_config=gin.config_str(),
+                                  tokenizer_files=tokenizer_files, fingerprint=fingerprint)
+      return _train_locked(workdir, config, config_json, data, batches, tokenizer, eval_documents, start, mesh=mesh,
+                           opt=opt, sched=sched, **settings)
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
+
+
+def _model_config(model, workdir: str, start: int | None, init_params_from: str | None):
+  """The model to train: `model`, or with `init_params_from` the base checkpoint's config (on a resume, the run's
+  own stored config, so that a restart needs no base checkpoint) with the changes `model` may make."""
+  if not init_params_from:
+    return model
+  stored = workdir_lib.stored_model_config(workdir) if start is not None else None
+  if stored is not None:
+    return config_from_base(model, config_from_json(stored, os.path.join(workdir, workdir_lib.MODEL_CONFIG_FILE)),
+                            init_params_from)
+  from t5x_lite.model import read_config  # pylint: disable=import-outside-toplevel
+  return config_from_base(model, read_config(init_params_from), init_params_from)
+
+
+def _train_locked(workdir: str, config, config_json: str, data: DataConfig, batches, tokenizer, eval_documents,
+                  start: int | None, *, mesh, opt, sched, train_steps: int, save_every: int, keep_checkpoints: int,
+                  log_every: int, eval_every: int, eval_steps: int, seed: int, label_smoothing: float, z_loss: float,
+                  accumulation_steps: int, init_params_from: str | None, async_checkpoints: bool,
+                  progress: bool) -> dict:
+  """`train` once the run is accepted and holds the workdir."""
   family = family_of_config(config)
   specs = family.model.param_specs(config)
   param_shardings = sharding.tree_shardings(mesh, axes_tree(specs), specs)
-  opt, sched = optimizers.make_optimizer(optimizer, schedule)
   train_step = jax.jit(make_train_step(config, opt, sched, label_smoothing=label_smoothing, z_loss=z_loss,
                                        accumulation_steps=accumulation_steps), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(config))
@@ -130,9 +180,9 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   def fresh_state():
     if init_params_from:
       from t5x_lite.model import load  # pylint: disable=import-outside-toplevel
+      # The config is the checkpoint's own (init_from.py), so its tensors have the shapes load() checked.
       params = load(init_params_from, dtype=config.dtype, param_dtype=config.param_dtype, mesh=mesh,
                     progress=progress).params
-      check_params_match(params, abstract_params, init_params_from)
       params = jax.device_put(params, param_shardings)  # the placement make_state was compiled for
     else:
       init = jax.jit(lambda key: init_params(specs, key, param_dtype), out_shardings=param_shardings)
@@ -140,99 +190,102 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
     return make_state(params)
 
   checkpoints = RunCheckpoints(workdir, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpoints)
-  config_json = config_to_json(config)
-  batches = make_batches(data, tokenizer, documents=documents)
-  with jax.set_mesh(mesh):
-    start = checkpoints.latest_step()
-    if start is not None:
-      check_same_model(workdir, config_json)
-    if start is None:
-      if jax.process_index() == 0:  # a fine-tuning config run without its base checkpoint would train from scratch
-        print(f"{workdir}: starting at step 0 from "
-              f"{init_params_from if init_params_from else f'a random initialisation (seed {seed})'}", file=sys.stderr)
-      state = fresh_state()
-    else:
-      restored = checkpoints.restore(start, abstract_state, batches)
-      state = {"step": jnp.int32(start), "params": restored["params"], "opt_state": restored["opt_state"]}
-      if jax.process_index() == 0:
-        print(f"{workdir}: resuming from the checkpoint of step {start}", file=sys.stderr)
-    start = start or 0
-  if start >= train_steps:
-    print(f"{workdir}: the latest checkpoint is at step {start} and train_steps is {train_steps}: nothing to train "
-          f"(raise train_steps to go on)", file=sys.stderr)
-  with open(os.path.join(workdir, "config.gin"), "w") as f:  # the fully resolved configuration, as T5X does
-    f.write(gin.config_str())
-  with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    f.write(config_json + "\n")
-
-  writer = MetricsWriter(workdir)
-  peak = measure_matmul_peak()
-  flops_of_batch = batch_flops_fn(config, specs)
-  last = {}
-  bar = tqdm(total=train_steps, initial=start, desc="train", unit="step", disable=not progress or jax.process_index())
-  window_tokens = window_flops = 0.0
-  window_start = time.perf_counter()
-  checksum = 0
-  preempted = False
-  nonfinite = jnp.bool_(False)  # sticky on device; read only at log and save steps (no per-step host sync)
+  writer = None
   try:
-    with _Preemption() as preemption, jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):
+      if start is None:
+        if jax.process_index() == 0:  # a fine-tuning config run without its base checkpoint would train from scratch
+          print(f"{workdir}: starting at step 0 from "
+                f"{init_params_from if init_params_from else f'a random initialisation (seed {seed})'}",
+                file=sys.stderr)
+        state = fresh_state()
+      else:
+        restored = checkpoints.restore(start, abstract_state, batches)
+        state = {"step": jnp.int32(start), "params": restored["params"], "opt_state": restored["opt_state"]}
+        if jax.process_index() == 0:
+          print(f"{workdir}: resuming from the checkpoint of step {start}", file=sys.stderr)
+    start = start or 0
+    if start >= train_steps:
+      print(f"{workdir}: the latest checkpoint is at step {start} and train_steps is {train_steps}: nothing to "
+            f"train (raise train_steps to go on)", file=sys.stderr)
+    writer = MetricsWriter(workdir, resume_step=start)
+    loop = _Loop(config, specs, checkpoints, writer, log_every=log_every, save_every=save_every, start=start,
+                 train_steps=train_steps, progress=progress)
+    stop = None
+    with _Preemption() as preemption, jax.set_mesh(mesh), loop:
       for step in range(start + 1, train_steps + 1):
         local = next(batches)
-        window_tokens += float(np.sum(batch_weights(local))) * jax.process_count()
-        window_flops += flops_of_batch(local) * jax.process_count()
-        checksum = (checksum * 31 + data_checksum(local)) % (1 << 31)
         key = jax.random.fold_in(jax.random.key(seed), step) if getattr(config, "dropout_rate", 0) else None
         state, metrics = train_step(state, _global_batch(local, mesh), key)
-        nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"]) | ~metrics.pop("params_finite")
-        is_log = step % log_every == 0 or step == train_steps
-        is_save = step % save_every == 0 or step == train_steps
-        stop = preemption.requested  # read once: a SIGTERM landing later is handled after the next step
-        if is_log or is_save or stop:
-          if bool(nonfinite):
-            raise NonFiniteLoss(f"loss (or params) became NaN/inf at or before step {step}; stopped without saving "
-                                f"(last good checkpoint: step {checkpoints.latest_step()})")
-        if is_log:
-          elapsed = time.perf_counter() - window_start
-          tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-          last = {k: float(v) for k, v in metrics.items()}
-          # data_checksum folds in this process's batches since the last log line: with log_every=1, equal
-          # values at a step mean the same examples in the same order at that step.
-          last.update(tokens_per_sec=tokens_per_sec, mfu=window_flops / max(elapsed, 1e-9) / peak,
-                      data_checksum=checksum)
-          writer.write(step, last)
-          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{tokens_per_sec:.0f}")
-          window_tokens = window_flops = 0.0
-          checksum = 0
-          window_start = time.perf_counter()
+        stop = preemption.requested  # read once: a signal landing later is handled after the next step
+        loop.after_step(step, local, metrics, stop=bool(stop))
         if eval_every and eval_documents and step % eval_every == 0:
           writer.write(step, evaluate(eval_step, state["params"], data, tokenizer, eval_documents, eval_steps, mesh),
                        prefix="eval")
-        if is_save or stop:
+        if step % save_every == 0 or step == train_steps or stop:
           checkpoints.save(step, state, batches, config_json, force=True)
-        bar.update(1)
         if stop:
-          preempted = True
-          print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
+          print(f"{stop}: saved step {step}, exiting", file=sys.stderr)
           break
+    return {**loop.last, "preempted": bool(stop)}
   finally:
-    bar.close()
     checkpoints.close()
-    writer.close()
-    if hasattr(batches, "close"):
-      batches.close()
-  return {**last, "preempted": preempted}
+    if writer is not None:
+      writer.close()
 
 
-def check_params_match(params, expected, source: str) -> None:
-  """ValueError naming the first tensor whose presence or shape differs from the configured model's."""
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  for key in sorted(got.keys() | want.keys()):
-    if got.get(key) != want.get(key):
-      raise ValueError(f"init_params_from={source}: params{key} is {got.get(key, 'missing')} in the checkpoint but "
-                       f"{want.get(key, 'absent')} in the configured model; bind the checkpoint's shape "
-                       f"(configs/models/*.gin or T5Config/GemmaConfig)")
+class _Loop:
+  """Per-step bookkeeping between device and host: sums the step metrics on device over each logging window (no
+  host sync per step), checks finiteness only at log and save steps, and writes the window's means."""
+
+  def __init__(self, config, specs, checkpoints: RunCheckpoints, writer: MetricsWriter, *, log_every: int,
+               save_every: int, start: int, train_steps: int, progress: bool):
+    self._checkpoints, self._writer = checkpoints, writer
+    self._log_every, self._save_every, self._train_steps = log_every, save_every, train_steps
+    self._flops_of_batch = batch_flops_fn(config, specs)
+    self._peak = measure_matmul_peak()
+    self._bar = tqdm(total=train_steps, initial=start, desc="train", unit="step",
+                     disable=not progress or jax.process_index())
+    self.last = {}
+    self._nonfinite = jnp.bool_(False)  # sticky on device
+    self._reset_window()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._bar.close()  # before an error message, so that it starts on its own line
+
+  def _reset_window(self):
+    self._sums, self._steps, self._tokens, self._flops, self._checksum = None, 0, 0.0, 0.0, 0
+    self._window_start = time.perf_counter()
+
+  def after_step(self, step: int, local: dict, metrics: dict, *, stop: bool) -> None:
+    self._tokens += float(np.sum(batch_weights(local))) * jax.process_count()
+    self._flops += self._flops_of_batch(local) * jax.process_count()
+    # data_checksum folds in this process's batches since the last log line: with log_every=1, equal values at a
+    # step mean the same examples in the same order at that step.
+    self._checksum = (self._checksum * 31 + data_checksum(local)) % (1 << 31)
+    self._nonfinite = self._nonfinite | ~jnp.isfinite(metrics["loss"]) | ~metrics.pop("params_finite")
+    learning_rate = metrics.pop("learning_rate")
+    self._sums = metrics if self._sums is None else jax.tree.map(jnp.add, self._sums, metrics)
+    self._steps += 1
+    is_log = step % self._log_every == 0 or step == self._train_steps
+    if (is_log or step % self._save_every == 0 or stop) and bool(self._nonfinite):
+      saved = self._checkpoints.latest_step()
+      raise NonFiniteLoss(f"loss (or params) became NaN/inf at or before step {step}; stopped without saving ("
+                          + (f"last good checkpoint: step {saved})" if saved is not None else "no checkpoint was "
+                             "saved before it)"))
+    if is_log:
+      elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+      # Means over the window's steps, as T5X logs them; the learning rate is the step's own.
+      self.last = {k: float(v) / self._steps for k, v in self._sums.items()}
+      self.last.update(learning_rate=float(learning_rate), tokens_per_sec=self._tokens / elapsed,
+                       mfu=self._flops / elapsed / self._peak, data_checksum=self._checksum)
+      self._writer.write(step, self.last)
+      self._bar.set_postfix(loss=f"{self.last['loss']:.3f}", tok_s=f"{self.last['tokens_per_sec']:.0f}")
+      self._reset_window()
+    self._bar.update(1)
 
 
 def data_checksum(local: dict) -> int:
@@ -272,8 +325,3 @@ def evaluate(eval_step, params, data: DataConfig, tokenizer, documents, steps: i
   denom = max(totals["weight_sum"], 1.0)
   return {"loss": totals["loss"] / denom, "accuracy": totals["correct"] / denom,
           "perplexity": math.exp(min(totals["loss"] / denom, 50.0))}
-
-
-def write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)

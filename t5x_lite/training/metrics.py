@@ -26,29 +26,61 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
 
 
 class MetricsWriter:
-  """Appends metrics to metrics.jsonl (flushed per line) and TensorBoard (only on process 0)."""
+  """Appends metrics to metrics.jsonl (flushed per line) and TensorBoard (only on process 0).
 
-  def __init__(self, workdir: str):
+  A run resumed from the checkpoint of step s replays steps s+1, s+2, ... that an interrupted run may have logged
+  already: those lines are dropped from the JSONL files (rewritten atomically) and TensorBoard purges its events
+  past s, so every step is logged once. Integer metrics (data_checksum) stay integers in JSON and, as they are no
+  quantity to plot, stay out of TensorBoard.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
+      for path in (self.path, self._stream_path("eval")):
+        _drop_lines_after(path, resume_step)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resume_step + 1 if resume_step else None)
+
+  def _stream_path(self, prefix: str) -> str:
+    # Training lines go to metrics.jsonl (one per logging step); other streams (eval) to their own file, so
+    # that "the last line for a step" in metrics.jsonl is always the training record.
+    return self.path if prefix == "train" else self.path.replace("metrics.jsonl", f"{prefix}_metrics.jsonl")
 
   def write(self, step: int, metrics: dict, prefix: str = "train"):
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    # Training lines go to metrics.jsonl (one per logging step); other streams (eval) to their own file, so
-    # that "the last line for a step" in metrics.jsonl is always the training record.
-    path = self.path if prefix == "train" else self.path.replace("metrics.jsonl", f"{prefix}_metrics.jsonl")
-    with open(path, "a") as f:
+    record = {"step": int(step), **{k: v if isinstance(v, int) else float(v) for k, v in metrics.items()}}
+    with open(self._stream_path(prefix), "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in metrics.items():
-      self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+      if not isinstance(v, int):
+        self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
     self._tb.flush()
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  """Rewrites the JSONL file at `path` without the records of steps after `step` (and any torn last line)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line torn by a kill
+  if len(kept) != len(lines):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)

@@ -4,16 +4,23 @@ import gin
 import jax.numpy as jnp
 import optax
 
+from t5x_lite.config.fields import checked_arguments
+
 
 @gin.configurable
+@checked_arguments
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000):
   """T5's default: base / sqrt(max(step, warmup)) (constant base/sqrt(warmup) during warmup)."""
+  if warmup_steps < 0:
+    raise ValueError(f"rsqrt_schedule.warmup_steps must be >= 0, got {warmup_steps}")
+
   def schedule(step):
     return base_learning_rate / jnp.sqrt(jnp.maximum(step, warmup_steps).astype(jnp.float32))
   return schedule
 
 
 @gin.configurable
+@checked_arguments
 def cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000, total_steps: int = 100_000,
                     final_fraction: float = 0.1):
   """Linear warmup to the peak, cosine decay to `final_fraction` of it at `total_steps`."""
@@ -22,6 +29,7 @@ def cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000, 
 
 
 @gin.configurable
+@checked_arguments
 def adafactor(schedule, *, decay_rate: float = 0.8, clipping_threshold: float | None = 1.0,
               multiply_by_parameter_scale: bool = True, factored: bool = True, momentum: float | None = None,
               weight_decay_rate: float | None = None):
@@ -33,6 +41,7 @@ def adafactor(schedule, *, decay_rate: float = 0.8, clipping_threshold: float | 
 
 
 @gin.configurable
+@checked_arguments
 def adamw(schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
           max_grad_norm: float | None = 1.0):
   """AdamW with optional global-norm clipping (HF Trainer's defaults)."""
@@ -41,6 +50,7 @@ def adamw(schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, we
 
 
 @gin.configurable
+@checked_arguments
 def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt"):
   """(optax optimizer, schedule fn) by name: adafactor | adamw, rsqrt | cosine."""
   schedules = {"rsqrt": rsqrt_schedule, "cosine": cosine_schedule}

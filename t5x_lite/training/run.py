@@ -1,11 +1,11 @@
 """A whole run as train.py starts it: corpus and tokenizer, training, then generation from the checkpoint."""
 
-import hashlib
 import io
 import json
 import math
 import os
 import sys
+import tempfile
 from collections import Counter
 
 import gin
@@ -22,18 +22,39 @@ from t5x_lite.training.loop import train
 # The data config is a plain dataclass of the data package (which knows nothing of gin); bind it here.
 gin.external_configurable(pipeline.DataConfig, "DataConfig")
 
-def _train_sentencepiece(texts: list[str], path: str, vocab_size: int, seed: int) -> None:
-  """A T5-layout unigram model (<pad>=0, </s>=1, <unk>=2, no BOS) trained on `texts`."""
+def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int) -> bytes:
+  """A T5-layout unigram model (<pad>=0, </s>=1, <unk>=2, no BOS) trained on `texts`, serialised."""
   rng = np.random.default_rng(seed)
   sample = [texts[i] for i in rng.permutation(len(texts))[:20_000]]
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
                                  model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
                                  character_coverage=0.9995, minloglevel=2)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  return model.getvalue()
+
+
+def _stdlib_tokenizer_files(workdir: str, texts: list[str], vocab_size: int, seed: int) -> dict[str, bytes]:
+  """The demo's spiece.model: the workdir's own (a resumed run reuses it), else trained on `texts` by process 0
+  and sent to the others. Nothing is written here: the run writes it once the workdir accepted it (workdir.py)."""
+  held = tokenizer_files(workdir)
+  if "spiece.model" in held:
+    return {"spiece.model": held["spiece.model"]}
+  model = _train_sentencepiece(texts, vocab_size, seed) if jax.process_index() == 0 else b""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(model))))
+    buffer = np.frombuffer(model, np.uint8) if model else np.zeros(size, np.uint8)
+    model = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8).tobytes()
+  return {"spiece.model": model}
+
+
+def _tokenizer_from_files(files: dict[str, bytes], family: str):
+  """load_tokenizer over `files` (name -> bytes) kept in a temporary directory."""
+  with tempfile.TemporaryDirectory() as directory:
+    for name, content in files.items():
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(content)
+    return load_tokenizer(directory, family)
 
 
 def unigram_entropy(tokenizer, texts: list[str]) -> float:
@@ -57,18 +78,13 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
   Plain-text corpora hold out ~2% of their lines (by content hash) as the eval split that `train.eval_every`
   reads; JSONL records are all trained on (no eval split). A rerun on documents other than the first run's
   (compared by a fingerprint kept in WORKDIR/corpus_fingerprint.json) warns: the data iterator resumes by
-  position, so it would go on over the new corpus from the old one's place.
+  position, so it would go on over the new corpus from the old one's place. Nothing is written into the workdir
+  before `train` has accepted it (workdir.py): a refused run leaves it as it was.
   """
-  os.makedirs(workdir, exist_ok=True)
   if corpus == "stdlib":
     train_docs, eval_docs = split_train_eval(stdlib_docstrings(max_documents))
-    spm_path = os.path.join(workdir, "spiece.model")
-    if not os.path.exists(spm_path) and jax.process_index() == 0:
-      _train_sentencepiece(train_docs, spm_path, spm_vocab_size, seed)
-    if jax.process_count() > 1:  # the other hosts read the model process 0 just wrote
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      multihost_utils.sync_global_devices("sentencepiece model written")
-    tokenizer = load_tokenizer(workdir, "t5")
+    tokenizer_bytes = _stdlib_tokenizer_files(workdir, train_docs, spm_vocab_size, seed)
+    tokenizer = _tokenizer_from_files(tokenizer_bytes, "t5")
   elif corpus == "files":
     if not files:
       raise ValueError("corpus 'files' needs run.files: the text / JSONL files (or glob patterns) to train on "
@@ -81,52 +97,30 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
     if tokenizer is None:
       raise ValueError(f"corpus 'files' needs tokenizer_dir holding spiece.model / tokenizer.model "
                        f"(got {tokenizer_dir!r})")
-    if jax.process_index() == 0:  # the workdir is a model directory: load(workdir).tokenizer, sample prompts
-      for name, content in tokenizer_files(tokenizer_dir).items():
-        with open(os.path.join(workdir, name), "wb") as f:
-          f.write(content)
+    tokenizer_bytes = tokenizer_files(tokenizer_dir)
   else:
     raise ValueError(f"corpus must be 'stdlib' or 'files', got {corpus!r}")
 
-  if jax.process_index() == 0:
-    _check_fingerprint(workdir, train_docs)
-  stats_path = os.path.join(workdir, "corpus_stats.json")
-  if corpus == "stdlib" and not os.path.exists(stats_path) and jax.process_index() == 0:
-    stats = {"train_documents": len(train_docs), "eval_documents": len(eval_docs),
-             "unigram_entropy_nats": unigram_entropy(tokenizer, train_docs), "vocab_size": tokenizer.vocab_size}
-    with open(stats_path, "w") as f:
-      json.dump(stats, f, indent=2)
-  metrics = train(workdir, tokenizer=tokenizer, documents=train_docs, eval_documents=eval_docs)
+  metrics = train(workdir, tokenizer=tokenizer, tokenizer_files=tokenizer_bytes, documents=train_docs,
+                  eval_documents=eval_docs)
   if metrics.get("preempted"):
     return metrics  # saved; the next start resumes
-  if os.path.exists(stats_path) and "loss" in metrics:
-    with open(stats_path) as f:
-      print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
-            f"final train loss {metrics['loss']:.3f}", file=sys.stderr)
+  stats_path = os.path.join(workdir, "corpus_stats.json")
+  if corpus == "stdlib" and jax.process_index() == 0:
+    if not os.path.exists(stats_path):  # computed once per workdir, after the run was accepted
+      with open(stats_path, "w") as f:
+        json.dump({"train_documents": len(train_docs), "eval_documents": len(eval_docs),
+                   "unigram_entropy_nats": unigram_entropy(tokenizer, train_docs),
+                   "vocab_size": tokenizer.vocab_size}, f, indent=2)
+    if "loss" in metrics:
+      with open(stats_path) as f:
+        print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
+              f"final train loss {metrics['loss']:.3f}", file=sys.stderr)
   if sample_prompts and jax.process_index() == 0:
     samples = generate_samples(workdir, sample_prompts, sample_max_new_tokens)
     for s in samples:
       print(f"  {s['prompt']!r} -> {s['output']!r}")
   return metrics
-
-
-def _check_fingerprint(workdir: str, documents) -> None:
-  """Writes the corpus fingerprint until the run has a checkpoint; then warns on a start whose documents differ."""
-  digest = hashlib.sha256()
-  for doc in documents:
-    digest.update(json.dumps(doc, sort_keys=True).encode())
-  now = {"documents": len(documents), "sha256": digest.hexdigest()}
-  path = os.path.join(workdir, "corpus_fingerprint.json")
-  if os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
-    with open(path) as f:
-      before = json.load(f)
-    if before != now:
-      print(f"WARNING: {workdir} was trained on another corpus ({before['documents']} documents, now "
-            f"{now['documents']}); a resumed run continues the data iterator by position over the new one",
-            file=sys.stderr)
-    return
-  with open(path, "w") as f:
-    json.dump(now, f)
 
 
 def generate_samples(workdir: str, prompts, max_new_tokens: int) -> list[dict]:

@@ -1,0 +1,1 @@
+"""gin configs, a package so that gin finds `configs/...` paths (and their includes) from any directory."""

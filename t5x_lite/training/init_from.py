@@ -1,0 +1,49 @@
+"""The model config of a run that starts from a checkpoint (`train.init_params_from`).
+
+The checkpoint's own config is the model: a fine-tuning config need not restate its shape, and a value bound in
+gin (or passed to `train`) that would make another model is refused, every such field listed at once. Only how
+the model computes may change (CHANGEABLE). Comparing tensor shapes alone let a Gemma 3 checkpoint with an
+8-token window, query scale 16 and layer types [s, s, full] train silently as gin's 512 / 256 / all-sliding.
+"""
+
+import dataclasses
+
+import gin
+
+# How the model computes, not what it computes: a fine-tuning run may choose these.
+CHANGEABLE = ("dtype", "param_dtype", "remat", "dropout_rate", "classifier_dropout")
+
+
+def explicit_fields(config) -> set[str]:
+  """The fields of `config` its maker chose: bound in gin for its class, or different from the class default."""
+  try:
+    bound = {name.rsplit(".", 1)[-1] for name in gin.get_bindings(type(config).__name__)}
+  except (ValueError, KeyError):  # a config class gin does not know
+    bound = set()
+  for field in dataclasses.fields(config):
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if getattr(config, field.name) != default:
+      bound.add(field.name)
+  return bound
+
+
+def config_from_base(config, base, source: str):
+  """`base` (the checkpoint's config) with the CHANGEABLE fields `config` sets explicitly.
+
+  ValueError when `config` is of another family or sets any other field to a value that makes a different model
+  (compared after the config's own normalisation, e.g. Gemma's sliding_pattern is moot beside layer_types).
+  """
+  if type(config) is not type(base):
+    raise ValueError(f"init_params_from={source} holds a {base.family} model ({type(base).__name__}) but the run "
+                     f"configures a {type(config).__name__}: bind train.model = @{type(base).__name__}()")
+  explicit = explicit_fields(config)
+  chosen = base.replace(**{f: getattr(config, f) for f in CHANGEABLE if f in explicit and hasattr(base, f)})
+  merged = chosen.replace(**{f: getattr(config, f) for f in explicit if f not in CHANGEABLE})
+  differ = [f.name for f in dataclasses.fields(base) if getattr(merged, f.name) != getattr(chosen, f.name)]
+  if differ:
+    lines = "; ".join(f"{f}: {getattr(config, f)!r} configured, {getattr(base, f)!r} in the checkpoint"
+                      for f in differ)
+    raise ValueError(f"init_params_from={source}: the model comes from the checkpoint's config, and the run "
+                     f"configures {len(differ)} field(s) otherwise ({lines}). Remove those bindings (only "
+                     f"{', '.join(CHANGEABLE)} may change), or train from scratch without init_params_from")
+  return chosen
