@@ -3,9 +3,11 @@ and the ConversionError raised for each kind of bad input."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -214,6 +216,47 @@ def test_cli_reports_errors_cleanly(v11_dir, tmp_path):
   assert r.returncode == 2
   assert "error:" in r.stderr and "'shared.weight' is missing" in r.stderr and "Traceback" not in r.stderr
   assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def _embedding_copies(path, shared, names, nudge=None):
+  """Rewrites `names` as copies of `shared`, then adds 0.5 to one entry of tensor `nudge` if given."""
+  def fn(tensors):
+    tensors.update({n: tensors[shared].copy() for n in names})
+    if nudge:
+      tensors[nudge][5, 0] += 0.5
+  _rewrite(path, fn)
+
+
+@pytest.mark.parametrize("cls,prefix", [(tf.T5ForConditionalGeneration, ""),
+                                        (tf.T5ForSequenceClassification, "transformer.")])
+def test_embedding_copies_load_only_when_equal_to_shared(tmp_path, batch, cls, prefix):
+  """Old exports store each stack's embed_tokens as a copy of shared.weight: loaded silently. A differing one
+  (untied input embeddings) is what transformers feeds that stack, so loading shared.weight in its place would
+  change the logits: refused, naming the tensor."""
+  d = tmp_path / "hf"
+  build_hf(cls, tf.T5Config(**T5_TINY, num_labels=3), d)
+  shared = f"{prefix}shared.weight"
+  names = [f"{prefix}encoder.embed_tokens.weight", f"{prefix}decoder.embed_tokens.weight"]
+  _embedding_copies(d / "model.safetensors", shared, names)
+  ids, mask, _ = batch
+  ids[:, -1] = mask[:, -1] = 1  # an EOS per row for sequence classification
+  dec = ids[:, :4] if prefix == "" else None
+  with torch.no_grad():
+    ref = cls.from_pretrained(d).eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                         decoder_input_ids=None if dec is None else torch.tensor(dec)).logits.numpy()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert_close_to_hf(t5x_lite.load(str(d), progress=False).logits(ids, mask, dec), ref)
+  for victim in names:
+    _embedding_copies(d / "model.safetensors", shared, names, nudge=victim)
+    hf = cls.from_pretrained(d)
+    assert not torch.equal(hf.get_parameter(victim), hf.get_parameter(shared))  # transformers keeps it apart
+    with pytest.raises(ConversionError, match=rf"model.safetensors: tensor '{re.escape(victim)}' differs from "
+                                              rf"'{re.escape(shared)}' \(max abs diff 0.5\)"):
+      t5x_lite.load(str(d), progress=False)
+  _rewrite(d / "model.safetensors", lambda t: t.update({names[0]: t[shared][:-1].copy()}))
+  with pytest.raises(ConversionError, match=rf"'{re.escape(names[0])}' has shape \(127, 32\), expected \(128, 32\)"):
+    t5x_lite.load(str(d), progress=False)
 
 
 def test_failed_export_leaves_no_partial_output(v11_dir, tmp_path, monkeypatch):
