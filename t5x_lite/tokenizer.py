@@ -3,17 +3,21 @@
 Owns text <-> id conversion for every family: `SentencePieceTokenizer` (T5/mT5 `spiece.model`, Gemma
 `tokenizer.model`), `ByteTokenizer` (ByT5) and `load_tokenizer`, which picks one for a model directory.
 Parity target is transformers 5.23: `T5Tokenizer`/`GemmaTokenizer` built by `from_pretrained(dir)` from the
-SentencePiece file (not from a `tokenizer.json`), and the slow `ByT5Tokenizer`.
+SentencePiece file, `T5Tokenizer` from a `tokenizer.json` alone (as transformers 5 saves it: a SentencePiece
+model is rebuilt from its Unigram vocabulary), and the slow `ByT5Tokenizer`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import warnings
 from typing import Iterable
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 # Rust's `char::is_whitespace`: what the `WhitespaceSplit` pre-tokenizer of HF's T5 tokenizer splits on.
 _WHITESPACE = re.compile("[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
@@ -70,17 +74,23 @@ class SentencePieceTokenizer(_Tokenizer):
   Gemma-style model whose normaliser is not the identity (transformers ignores it).
   """
 
-  def __init__(self, model_file: str, *, family: str = "t5", extra_ids: int | None = None,
+  def __init__(self, model_file: str | None = None, *, family: str = "t5", extra_ids: int | None = None,
                add_bos: bool | None = None, add_eos: bool | None = None,
-               clean_up_tokenization_spaces: bool = False):
+               clean_up_tokenization_spaces: bool = False, model_proto: bytes | None = None):
+    """From `model_file`, or from a serialized ModelProto (`model_proto`) when no file is given."""
     if family not in ("t5", "gemma"):
       raise ValueError(f"unknown tokenizer family {family!r} (expected 't5' or 'gemma')")
+    if (model_file is None) == (model_proto is None):
+      raise ValueError("give exactly one of model_file and model_proto")
     try:
-      self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+      if model_file is None:
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+      else:
+        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
     except (RuntimeError, OSError) as e:
-      raise ValueError(f"cannot read SentencePiece model {model_file}: {e}") from e
+      raise ValueError(f"cannot read SentencePiece model {model_file or 'from model_proto'}: {e}") from e
     self.family = family
-    self.model_file = os.fspath(model_file)
+    self.model_file = None if model_file is None else os.fspath(model_file)
     is_t5 = family == "t5"
     self.extra_ids = (100 if is_t5 else 0) if extra_ids is None else extra_ids
     # Family defaults: T5 appends EOS, Gemma prepends BOS (GemmaTokenizer's own defaults).
@@ -100,7 +110,7 @@ class SentencePieceTokenizer(_Tokenizer):
     self._id_to_special = {i: s for s, i in self._specials.items()}
     self._split = _splitter(self._specials)
     if (self.add_bos and self.bos_id is None) or (self.add_eos and self.eos_id is None):
-      raise ValueError(f"{model_file} has no BOS/EOS piece to add")
+      raise ValueError(f"{model_file or 'model_proto'} has no BOS/EOS piece to add")
     if is_t5:
       # HF applies only the model's character map, then runs the unigram model on each "▁word":
       # a charmap-only normaliser, and the same model with its normaliser switched off.
@@ -207,6 +217,123 @@ class SentencePieceTokenizer(_Tokenizer):
       kwargs.update(add_bos=bool(cfg.get("add_bos_token", False)), add_eos=bool(cfg.get("add_eos_token", False)))
     return cls(os.path.join(model_dir, name), family=family, **kwargs)
 
+  @classmethod
+  def from_tokenizer_json(cls, model_dir: str) -> "SentencePieceTokenizer":
+    """The T5 tokenizer transformers' `T5Tokenizer.from_pretrained(model_dir)` builds from `tokenizer.json`
+    when there is no `spiece.model`. Raises `UnsupportedTokenizerJson` saying why for a file it would not
+    reproduce exactly."""
+    cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+    try:
+      proto, extra_ids = _t5_proto_from_tokenizer_json(model_dir, cfg)
+    except UnsupportedTokenizerJson:
+      raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+      path = os.path.join(model_dir, "tokenizer.json")
+      raise ValueError(f"{path}: not a tokenizer.json this can read ({type(e).__name__}: {e})") from None
+    return cls(model_proto=proto, family="t5", extra_ids=extra_ids,
+               clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)))
+
+
+class UnsupportedTokenizerJson(ValueError):
+  """A tokenizer.json whose tokenizer the rebuilt SentencePiece model would not reproduce exactly."""
+
+
+# The tokenizer_config.json classes (or none) for which transformers builds `T5Tokenizer`, whose pipeline the
+# T5 path of SentencePieceTokenizer follows: it keeps only the Unigram vocabulary and the charmap of the file.
+_T5_TOKENIZER_CLASSES = (None, "T5Tokenizer", "T5TokenizerFast")
+_T5_TOKENIZER_MODEL_TYPES = ("t5", "mt5")  # those AutoTokenizer maps to T5Tokenizer when no class is named
+_T5_NAMED = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}  # T5Tokenizer's defaults
+_T5_UNK_ID = 2  # T5Tokenizer's Unigram(unk_id=2), whatever the file says
+
+
+def _t5_proto_from_tokenizer_json(model_dir: str, cfg: dict) -> tuple[bytes, int]:
+  """(serialized SentencePiece ModelProto, extra_ids) equal to the T5Tokenizer that transformers builds from
+  `model_dir/tokenizer.json` and the tokenizer config `cfg`.
+
+  T5Tokenizer reads only the file's Unigram vocabulary (pieces and scores, `<extra_id_N>` sentinels last,
+  counting down) and the charmap of its first `Precompiled` normaliser; unknown id 2, no byte fallback,
+  whitespace split and Metaspace are fixed. So the model here holds those pieces (special tokens as control
+  pieces, every other piece normal) and that charmap; anything else that would change transformers' ids (a
+  non-special added token, a special token outside the vocabulary, other sentinels) raises
+  UnsupportedTokenizerJson.
+  """
+  tokenizer_class = cfg.get("tokenizer_class")
+  if tokenizer_class not in _T5_TOKENIZER_CLASSES:
+    raise UnsupportedTokenizerJson(f"tokenizer_config.json names {tokenizer_class!r}, not T5Tokenizer")
+  model_type = _model_type(model_dir)
+  if tokenizer_class is None and model_type not in _T5_TOKENIZER_MODEL_TYPES:
+    # AutoTokenizer then picks by model_type; for umt5 it reads the file's own pipeline (TokenizersBackend).
+    raise UnsupportedTokenizerJson(f"no tokenizer_class names T5Tokenizer, which transformers picks itself only "
+                                   f"for model_type {' or '.join(_T5_TOKENIZER_MODEL_TYPES)}, not {model_type!r}")
+  data = _read_json(os.path.join(model_dir, "tokenizer.json"))
+  model = data.get("model") or {}
+  if model.get("type") != "Unigram" or not isinstance(model.get("vocab"), list):
+    raise UnsupportedTokenizerJson(f"it holds a {model.get('type')} model, not a Unigram vocabulary")
+  vocab = [(str(piece), float(score)) for piece, score in model["vocab"]]
+  extra_ids = 0
+  while extra_ids < len(vocab) and vocab[-1 - extra_ids][0] == f"<extra_id_{extra_ids}>":
+    extra_ids += 1
+  if extra_ids != int(cfg.get("extra_ids", 100)):
+    raise UnsupportedTokenizerJson(f"its vocabulary ends in {extra_ids} sentinels, but T5Tokenizer expects "
+                                   f"extra_ids={cfg.get('extra_ids', 100)}")
+  pieces = vocab[:len(vocab) - extra_ids]
+  control = _t5_special_pieces(data, cfg, vocab, len(pieces))
+  if len(pieces) <= _T5_UNK_ID or pieces[_T5_UNK_ID][0] != _token_text(cfg.get("unk_token", "<unk>")):
+    raise UnsupportedTokenizerJson(f"id {_T5_UNK_ID} (T5Tokenizer's unknown id) is not its unk_token")
+
+  proto = spm_pb2.ModelProto()
+  types = spm_pb2.ModelProto.SentencePiece.Type
+  for i, (piece, score) in enumerate(pieces):
+    kind = types.UNKNOWN if i == _T5_UNK_ID else types.CONTROL if i in control else types.NORMAL
+    proto.pieces.add(piece=piece, score=score, type=kind)
+  ids = {piece: i for i, (piece, _) in enumerate(pieces)}
+  spec = proto.trainer_spec
+  spec.model_type = spm_pb2.TrainerSpec.UNIGRAM
+  spec.unk_id, spec.bos_id = _T5_UNK_ID, -1
+  spec.eos_id, spec.pad_id = ids.get("</s>", -1), ids.get("<pad>", -1)
+  charsmap = _precompiled_charsmap(data.get("normalizer"))
+  proto.normalizer_spec.name = "user_defined" if charsmap else "identity"
+  proto.normalizer_spec.precompiled_charsmap = charsmap
+  return proto.SerializeToString(), extra_ids
+
+
+def _t5_special_pieces(data: dict, cfg: dict, vocab: list, num_pieces: int) -> set[int]:
+  """Ids below `num_pieces` of the tokens T5Tokenizer treats as special (matched whole in text, dropped by
+  skip_special_tokens): its named and extra special tokens and the added tokens, each of which must be special
+  and a piece of `vocab` (else transformers would give it an id of its own)."""
+  added = [(t.get("content"), t.get("id"), t.get("special")) for t in data.get("added_tokens") or []]
+  added += [(t.get("content"), int(i), t.get("special")) for i, t in (cfg.get("added_tokens_decoder") or {}).items()]
+  for content, i, special in added:
+    if not special:
+      raise UnsupportedTokenizerJson(f"added token {content!r} is not special")
+    if not (isinstance(i, int) and 0 <= i < len(vocab) and vocab[i][0] == content):
+      raise UnsupportedTokenizerJson(f"added token {content!r} has id {i}, which is not its vocabulary piece")
+  ids = {piece: i for i, (piece, _) in enumerate(vocab)}
+  named = [cfg.get(key, default) for key, default in _T5_NAMED.items()]
+  extra = cfg.get("extra_special_tokens", cfg.get("additional_special_tokens")) or []
+  special = {i for _, i, _ in added}
+  for content in map(_token_text, named + list(extra.values() if isinstance(extra, dict) else extra)):
+    if content not in ids:
+      raise UnsupportedTokenizerJson(f"special token {content!r} is not in its vocabulary")
+    special.add(ids[content])
+  return {i for i in special if i < num_pieces}
+
+
+def _token_text(token) -> str:
+  """A token as tokenizer_config.json writes it: a string, or a serialized AddedToken dict."""
+  return token.get("content", "") if isinstance(token, dict) else str(token)
+
+
+def _precompiled_charsmap(normalizer: dict | None) -> bytes:
+  """The charmap transformers passes to T5Tokenizer: that of the first `Precompiled` normaliser, if any."""
+  if not normalizer:
+    return b""
+  steps = normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]
+  for step in steps:
+    if step.get("type") == "Precompiled" and "precompiled_charsmap" in step:
+      return base64.b64decode(step["precompiled_charsmap"] or "")
+  return b""
+
 
 def _fuse_byte_pieces(tokens: Iterable[str]) -> str:
   """HF's ByteFallback + Fuse decoders: runs of `<0xAB>` pieces become their utf-8 text, or one U+FFFD per
@@ -290,6 +417,12 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
+def _model_type(model_dir: str) -> str | None:
+  """model_type of the config.json in `model_dir`: transformers' own, or the one inside ours."""
+  cfg = _read_json(os.path.join(model_dir, "config.json"))
+  return cfg.get("model_type") or (cfg.get("config") or {}).get("model_type")
+
+
 def _is_byt5_dir(model_dir: str) -> bool:
   for name in ("config.json", "tokenizer_config.json"):
     if _read_json(os.path.join(model_dir, name)).get("tokenizer_class") == "ByT5Tokenizer":
@@ -299,16 +432,37 @@ def _is_byt5_dir(model_dir: str) -> bool:
 
 def load_tokenizer(model_dir: str, family: str) -> SentencePieceTokenizer | ByteTokenizer | None:
   """The tokenizer shipped in `model_dir`, or None. `family` is the model config's family ("t5",
-  "gemma", "t5gemma2"); the T5 family reads `spiece.model` (or is ByT5), the others `tokenizer.model`.
-  A file that SentencePiece cannot read raises ValueError naming it."""
+  "gemma", "t5gemma2"); the T5 family reads `spiece.model` (or is ByT5), else rebuilds one from a
+  transformers-5 `tokenizer.json`; the others read `tokenizer.model`.
+
+  A file that SentencePiece cannot read raises ValueError naming it. A `tokenizer.json` that cannot be read
+  exactly (any for Gemma: its BPE needs the `tokenizers` package) gives None with a warning naming the
+  directory and the file to add, so that `model.tokenizer` is not None without a word.
+  """
   model_dir = os.fspath(model_dir)
+  has_json = os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
   if family == "t5":
     if os.path.isfile(os.path.join(model_dir, "spiece.model")):
       return SentencePieceTokenizer.from_dir(model_dir, "t5")
     if _is_byt5_dir(model_dir):
       cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
       return ByteTokenizer(extra_ids=int(cfg.get("extra_ids", 125)))
-    return None
+    if not has_json:
+      return None
+    try:
+      return SentencePieceTokenizer.from_tokenizer_json(model_dir)
+    except UnsupportedTokenizerJson as e:
+      _warn_no_tokenizer(model_dir, "spiece.model", f"cannot be rebuilt exactly: {e}")
+      return None
   if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
     return SentencePieceTokenizer.from_dir(model_dir, "gemma")
+  if has_json:
+    _warn_no_tokenizer(model_dir, "tokenizer.model", "is read exactly only by the `tokenizers` package, which "
+                       "t5x_lite does not depend on")
   return None
+
+
+def _warn_no_tokenizer(model_dir: str, wanted: str, why: str) -> None:
+  # stacklevel 3: the line that called load_tokenizer.
+  warnings.warn(f"{model_dir}: no {wanted}, and its tokenizer.json {why}; the tokenizer is None. Copy {wanted} "
+                "from the original checkpoint into this directory.", stacklevel=3)

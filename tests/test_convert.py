@@ -3,9 +3,12 @@ and the ConversionError raised for each kind of bad input."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -216,6 +219,47 @@ def test_cli_reports_errors_cleanly(v11_dir, tmp_path):
   assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def _embedding_copies(path, shared, names, nudge=None):
+  """Rewrites `names` as copies of `shared`, then adds 0.5 to one entry of tensor `nudge` if given."""
+  def fn(tensors):
+    tensors.update({n: tensors[shared].copy() for n in names})
+    if nudge:
+      tensors[nudge][5, 0] += 0.5
+  _rewrite(path, fn)
+
+
+@pytest.mark.parametrize("cls,prefix", [(tf.T5ForConditionalGeneration, ""),
+                                        (tf.T5ForSequenceClassification, "transformer.")])
+def test_embedding_copies_load_only_when_equal_to_shared(tmp_path, batch, cls, prefix):
+  """Old exports store each stack's embed_tokens as a copy of shared.weight: loaded silently. A differing one
+  (untied input embeddings) is what transformers feeds that stack, so loading shared.weight in its place would
+  change the logits: refused, naming the tensor."""
+  d = tmp_path / "hf"
+  build_hf(cls, tf.T5Config(**T5_TINY, num_labels=3), d)
+  shared = f"{prefix}shared.weight"
+  names = [f"{prefix}encoder.embed_tokens.weight", f"{prefix}decoder.embed_tokens.weight"]
+  _embedding_copies(d / "model.safetensors", shared, names)
+  ids, mask, _ = batch
+  ids[:, -1] = mask[:, -1] = 1  # an EOS per row for sequence classification
+  dec = ids[:, :4] if prefix == "" else None
+  with torch.no_grad():
+    ref = cls.from_pretrained(d).eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                         decoder_input_ids=None if dec is None else torch.tensor(dec)).logits.numpy()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert_close_to_hf(t5x_lite.load(str(d), progress=False).logits(ids, mask, dec), ref)
+  for victim in names:
+    _embedding_copies(d / "model.safetensors", shared, names, nudge=victim)
+    hf = cls.from_pretrained(d)
+    assert not torch.equal(hf.get_parameter(victim), hf.get_parameter(shared))  # transformers keeps it apart
+    with pytest.raises(ConversionError, match=rf"model.safetensors: tensor '{re.escape(victim)}' differs from "
+                                              rf"'{re.escape(shared)}' \(max abs diff 0.5\)"):
+      t5x_lite.load(str(d), progress=False)
+  _rewrite(d / "model.safetensors", lambda t: t.update({names[0]: t[shared][:-1].copy()}))
+  with pytest.raises(ConversionError, match=rf"'{re.escape(names[0])}' has shape \(127, 32\), expected \(128, 32\)"):
+    t5x_lite.load(str(d), progress=False)
+
+
 def test_failed_export_leaves_no_partial_output(v11_dir, tmp_path, monkeypatch):
   model = t5x_lite.load(str(v11_dir), progress=False)
   from t5x_lite.convert import hf as hf_mod
@@ -234,6 +278,85 @@ def test_failed_export_leaves_no_partial_output(v11_dir, tmp_path, monkeypatch):
   assert not (tmp_path / "out").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
   shutil.rmtree(v11_dir)
+
+
+# ------------------------------------------------------------------------------------ interrupted runs
+
+# The convert CLI with a pause at a fixed point of its writing (no sleeps): it prints PAUSED and waits on stdin.
+_PAUSING_CLI = """
+import sys
+from t5x_lite.convert import __main__ as cli, checkpoint, hf
+
+def pause():
+  print("PAUSED", flush=True)
+  sys.stdin.readline()
+
+real_tensors, real_config_to_json = hf.hf_tensors, checkpoint.config_to_json
+
+def tensors(*args, **kwargs):  # --to-hf: two tensors are in the temporary folder
+  for n, tensor in enumerate(real_tensors(*args, **kwargs)):
+    if n == 2:
+      pause()
+    yield tensor
+
+def config_to_json(config):  # --from-hf: orbax has written the params, config.json is next
+  pause()
+  return real_config_to_json(config)
+
+hf.hf_tensors, checkpoint.config_to_json = tensors, config_to_json
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _paused_cli(tmp_path, *args):
+  script = tmp_path / "pausing_cli.py"
+  script.write_text(_PAUSING_CLI)
+  p = subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+  line = p.stdout.readline()
+  assert line == "PAUSED\n", (line, p.communicate()[1] if not line else "")
+  return p
+
+
+def _temp_dirs(path):
+  return sorted(e for e in os.listdir(path) if e.startswith(".tmp-"))
+
+
+@pytest.mark.parametrize("direction,signum", [("--to-hf", signal.SIGTERM), ("--from-hf", signal.SIGTERM),
+                                              ("--from-hf", signal.SIGINT)])
+def test_cli_interrupted_removes_its_temporary_output(v11_dir, tmp_path, direction, signum):
+  """SIGTERM (or Ctrl-C) mid-write: the temporary folder goes, one error line, exit 128 + signal number."""
+  out = tmp_path / "out"
+  p = _paused_cli(tmp_path, direction, str(v11_dir), "--out", str(out))
+  assert len(_temp_dirs(tmp_path)) == 1  # paused mid-write
+  p.send_signal(signum)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 128 + signum, err
+  assert err.splitlines()[-1] == (f"error: interrupted by {signal.Signals(signum).name}; {out} was not written "
+                                  "(its temporary files are removed)")
+  assert "Traceback" not in err
+  assert sorted(os.listdir(tmp_path)) == ["hf", "pausing_cli.py"]
+
+
+def test_cli_removes_the_temporary_output_of_a_killed_run(v11_dir, tmp_path):
+  """SIGKILL leaves the folder; the next write beside it removes it: its name carries the pid, now gone."""
+  from t5x_lite.convert import staging
+  out = tmp_path / "out"
+  p = _paused_cli(tmp_path, "--to-hf", str(v11_dir), "--out", str(out))
+  p.kill()
+  p.communicate()
+  stale = _temp_dirs(tmp_path)
+  assert len(stale) == 1 and f"-pid{p.pid}@" in stale[0]
+  # Not provably dead writers of ours: a live process, another host, another program's hidden folder.
+  keep = [f".tmp-out-pid{os.getpid()}@{staging._host()}-0123abcd", f".tmp-out-pid{p.pid}@elsewhere-0123abcd",
+          ".tmp-out-0123abcd"]
+  for name in keep:
+    (tmp_path / name).mkdir()
+  r = _cli("--to-hf", str(v11_dir), "--out", str(out))
+  assert r.returncode == 0, r.stderr
+  assert f"removed {tmp_path / stale[0]}: the temporary output of process {p.pid}, which no longer runs" in r.stderr
+  assert sorted(os.listdir(tmp_path)) == sorted(["hf", "out", "pausing_cli.py", *keep])
+  assert _raw_tensors(out / "model.safetensors") == _raw_tensors(v11_dir / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------ dtypes and output dirs

@@ -5,11 +5,15 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import T5_TINY, build_hf  # noqa: E402
+
+import t5x_lite  # noqa: E402
 from t5x_lite.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer  # noqa: E402
 
 
@@ -207,3 +211,84 @@ def test_load_tokenizer_recognises_byt5(tmp_path, file, content):
   tok = load_tokenizer(tmp_path, "t5")
   assert isinstance(tok, ByteTokenizer)
   assert tok.encode("héllo <extra_id_3>") == transformers.ByT5Tokenizer().encode("héllo <extra_id_3>")
+
+
+# --- tokenizer.json without a SentencePiece file (what transformers 5 saves) --------------------------------
+def _saved_by_transformers(src, out, cls=transformers.AutoTokenizer):
+  """`out` as transformers 5 writes a tokenizer loaded from `src`: tokenizer.json + tokenizer_config.json."""
+  cls.from_pretrained(src).save_pretrained(out)
+  assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+  return out
+
+
+@pytest.mark.parametrize("spm_options,config", [
+    ({}, None), ({}, {"extra_ids": 10, "clean_up_tokenization_spaces": True}),
+    ({"vocab_size": 400, "byte_fallback": True}, None), ({"normalization_rule_name": "identity"}, None),
+    ({}, False)])  # False: tokenizer.json alone, its tokenizer_config.json removed
+def test_t5_tokenizer_json_alone_matches_transformers(tmp_path, spm_options, config):
+  src = tmp_path / "src"
+  src.mkdir()
+  _train(src / "spiece.model", **{**T5_SPM, **spm_options})
+  (src / "config.json").write_text(json.dumps({"model_type": "t5"}))
+  if config:
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+  d = _saved_by_transformers(src, tmp_path / "saved")
+  if config is False:
+    (d / "tokenizer_config.json").unlink()
+    (d / "config.json").write_text(json.dumps({"model_type": "t5"}))  # how AutoTokenizer finds T5Tokenizer then
+  ours, ref = load_tokenizer(d, "t5"), transformers.AutoTokenizer.from_pretrained(d)
+  assert type(ref).__name__ == "T5Tokenizer" and ours is not None
+  assert ours.vocab_size == len(ref)
+  assert (ours.pad_id, ours.eos_id, ours.unk_id) == (ref.pad_token_id, ref.eos_token_id, ref.unk_token_id)
+  for n in (0, ours.extra_ids - 1):
+    assert ours.sentinel_id(n) == ref.convert_tokens_to_ids(f"<extra_id_{n}>")
+  # Byte pieces are plain pieces to transformers here, so even their names in text match (unlike spiece.model).
+  texts = TEXTS + _fuzz_texts() + ["x <0x41> y", "<0x41>", "it 's fine , is n't it ?"]
+  _assert_same_encoding(ours, ref, texts)
+  _assert_same_decoding(ours, ref, [ref.encode(t) for t in texts] + _random_ids(len(ref) + 5))
+
+
+def test_model_directory_with_tokenizer_json_alone(t5_dir, tmp_path):
+  """The README example on a directory transformers 5 saved: `model.tokenizer` was None (AttributeError)."""
+  d = _saved_by_transformers(t5_dir, tmp_path / "model")
+  build_hf(transformers.T5ForConditionalGeneration, transformers.T5Config(**{**T5_TINY, "vocab_size": 400}), d)
+  model = t5x_lite.load(str(d), progress=False)
+  text = "translate English to German: Hello"
+  ids = np.array([model.tokenizer.encode(text)])
+  assert ids[0].tolist() == transformers.AutoTokenizer.from_pretrained(d).encode(text)
+  model.save(str(tmp_path / "ckpt"))  # tokenizer.json travels with our checkpoint too
+  assert t5x_lite.load(str(tmp_path / "ckpt")).tokenizer.encode(text) == ids[0].tolist()
+
+
+@pytest.mark.parametrize("edit,reason", [
+    (lambda tok, cfg: tok["added_tokens"].append({"id": 50, "content": tok["model"]["vocab"][50][0],
+                                                  "special": False}), "is not special"),
+    (lambda tok, cfg: cfg.update(tokenizer_class="PreTrainedTokenizerFast"), "names 'PreTrainedTokenizerFast'"),
+    (lambda tok, cfg: cfg.update(extra_ids=5), "ends in 100 sentinels"),
+    (lambda tok, cfg: tok["model"].update(type="BPE"), "holds a BPE model"),
+    (lambda tok, cfg: cfg.pop("tokenizer_class"), "only for model_type t5 or mt5, not 'umt5'")],
+    ids=["non_special_added_token", "other_tokenizer_class", "other_extra_ids", "bpe", "umt5_without_class"])
+def test_t5_tokenizer_json_it_cannot_reproduce_warns(t5_dir, tmp_path, edit, reason):
+  d = _saved_by_transformers(t5_dir, tmp_path / "saved")
+  (d / "config.json").write_text(json.dumps({"model_type": "umt5"}))
+  tok, cfg = json.loads((d / "tokenizer.json").read_text()), json.loads((d / "tokenizer_config.json").read_text())
+  edit(tok, cfg)
+  (d / "tokenizer.json").write_text(json.dumps(tok))
+  (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+  with pytest.warns(UserWarning, match=rf"^{d}: no spiece.model, and its tokenizer.json cannot be rebuilt exactly: "
+                                       rf".*{reason}.*Copy spiece.model from the original checkpoint"):
+    assert load_tokenizer(d, "t5") is None
+
+
+def test_gemma_tokenizer_json_alone_warns(gemma_dir, tmp_path):
+  d = _saved_by_transformers(gemma_dir, tmp_path / "saved", transformers.GemmaTokenizer)
+  with pytest.warns(UserWarning, match=rf"^{d}: no tokenizer.model, .*`tokenizers` package.*Copy tokenizer.model "
+                                       "from the original checkpoint"):
+    assert load_tokenizer(d, "gemma") is None
+
+
+def test_t5_corrupt_tokenizer_json_raises(tmp_path):
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": [["a"]]}}')
+  with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer.json this can read"):
+    load_tokenizer(tmp_path, "t5")

@@ -2,7 +2,9 @@
 or `python -m t5x_lite.convert --to-hf CKPT_DIR --out HF_DIR [--dtype ...]`."""
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -23,6 +25,46 @@ def main(argv=None) -> int:
   if args.max_shard_size_mb <= 0:
     parser.error(f"--max-shard-size-mb must be positive, got {args.max_shard_size_mb}")
 
+  try:
+    with _signals_raise():
+      return _convert(args)
+  except Interrupted as e:
+    # The writers' `finally` has removed their temporary folder by now; nothing was moved into --out.
+    print(f"error: interrupted by {e.name}; {args.out} was not written (its temporary files are removed)",
+          file=sys.stderr)
+    return 128 + e.signum
+
+
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception` on the
+  way stops it before the `finally` blocks that remove temporary output."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+    self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _signals_raise():
+  """SIGTERM and SIGINT raise Interrupted in the main thread; a second one is ignored, so that the cleanup the
+  first started is not cut short. The previous handlers come back on exit."""
+  signums = (signal.SIGTERM, signal.SIGINT)
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    for s in signums:
+      signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+  previous = {s: signal.signal(s, handler) for s in signums}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _convert(args) -> int:
   # Imports after argument parsing, so --help is instant.
   import t5x_lite  # pylint: disable=import-outside-toplevel
   from t5x_lite.convert import checkpoint  # pylint: disable=import-outside-toplevel

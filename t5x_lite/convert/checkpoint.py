@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import orbax.checkpoint as ocp
 
 from t5x_lite import sharding
 from t5x_lite.convert.families import FAMILIES, family_of_config
+from t5x_lite.convert.staging import move_into_place, temp_dir_beside
 from t5x_lite.errors import ConversionError
 from t5x_lite.models.params import abstract_params, axes_tree
 
@@ -45,23 +47,26 @@ def config_from_json(text: str, source: str):
 
 
 def save_checkpoint(params: dict, config, out_dir: str, extra_files: dict[str, bytes] | None = None) -> None:
-  """Writes params with orbax (atomically: orbax finalises a temporary directory), extra files (tokenizer),
-  and config.json last, so a directory with a config.json is complete."""
+  """Writes params with orbax, extra files (tokenizer) and config.json into a temporary folder beside `out_dir`
+  (`staging.temp_dir_beside`), then moves them into place, config.json last: an error or interruption leaves
+  no partial checkpoint, and a directory with a config.json is complete."""
   out_dir = os.path.abspath(out_dir)
   params_dir = os.path.join(out_dir, "params")
   if os.path.exists(params_dir):
     raise FileExistsError(f"{params_dir} already exists; choose an empty --out directory")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConversionError(f"{out_dir}: exists and is not a directory")
+  tmp = temp_dir_beside(out_dir)
   try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise ConversionError(f"{out_dir}: cannot create the output directory ({e.strerror or e})") from None
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(params_dir, params)
-  for name, content in (extra_files or {}).items():
-    with open(os.path.join(out_dir, name), "wb") as f:
-      f.write(content)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    f.write(config_to_json(config) + "\n")
+    # The context waits for orbax's background writes, also when leaving on an exception (then `tmp` goes).
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), params)
+    for name, content in {**(extra_files or {}), "config.json": (config_to_json(config) + "\n").encode()}.items():
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(content)
+    move_into_place(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_config(path: str):

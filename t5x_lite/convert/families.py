@@ -23,11 +23,13 @@ class Family:
   ignored_prefixes: Callable = lambda config: ()  # config -> name prefixes to skip on import
   export_config: Callable = lambda config: config  # config as written back to transformers
   aliases: Callable = lambda name: ()  # HF name -> other names the same tensor may have in a file
+  copies: Callable = lambda config: {}  # config -> {HF name: layout HF name it must equal, if present}
 
 
 FAMILIES = {
     "t5": Family("t5", config_lib.T5_MODEL_TYPES, config_lib.T5Config, config_lib.t5_config_from_hf,
-                 config_lib.t5_config_to_hf, t5, t5_layout.layout, t5_layout.ignored),
+                 config_lib.t5_config_to_hf, t5, t5_layout.layout, t5_layout.ignored,
+                 copies=t5_layout.copies),
     "gemma": Family("gemma", config_lib.GEMMA_MODEL_TYPES, config_lib.GemmaConfig, config_lib.gemma_config_from_hf,
                     config_lib.gemma_config_to_hf, gemma, gemma_layout.layout, gemma_layout.ignored,
                     gemma_layout.ignored_prefixes, gemma_layout.export_config, gemma_layout.aliases),

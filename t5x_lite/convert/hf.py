@@ -82,7 +82,8 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
     raise ConversionError(f"{model_dir}: tensor {missing[0]!r} is missing (expected shape {shape})"
                           + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""))
   skip_prefixes = family.ignored_prefixes(config)
-  unexpected = sorted(n for n in present - set(expected) - set(family.ignored(config))
+  copies = {name: source for name, source in family.copies(config).items() if name in present}
+  unexpected = sorted(n for n in present - set(expected) - set(family.ignored(config)) - set(copies)
                       if not n.startswith(skip_prefixes))
   if unexpected:
     name = unexpected[0]
@@ -97,6 +98,9 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
     if not reader.dtype(name).startswith(("float", "bfloat")):
       raise ConversionError(f"{reader.file_of[name]}: tensor {name!r} has dtype {reader.dtype(name)}, expected a "
                             "floating dtype (float32, bfloat16 or float16)")
+  # Before any leaf is built: the two tensors compared here are less than the params held later.
+  for name, source in copies.items():
+    _check_copy(reader, name, source)
 
   dtype = jnp.dtype(config.param_dtype)
   flat_specs = _flat_specs(family.model.param_specs(config))
@@ -125,6 +129,20 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
       if mesh is not None and leaves[path].nbytes > 64 * 1024 ** 2:
         gc.collect()  # the host buffer is only released by the cycle collector; do not let big ones pile up
   return _unflatten(leaves)
+
+
+def _check_copy(reader: CheckpointReader, name: str, source: str) -> None:
+  """Raises ConversionError unless tensor `name` holds exactly the values of `source` (the one we load)."""
+  where = f"{reader.file_of[name]}: tensor {name!r}"
+  if reader.shape(name) != reader.shape(source):
+    raise ConversionError(f"{where} has shape {reader.shape(name)}, expected {reader.shape(source)} as {source!r}")
+  # float32 holds bfloat16 and float16 values exactly, so a copy stored in another dtype still compares equal.
+  copy, ref = reader.get(name).astype(np.float32), reader.get(source).astype(np.float32)
+  if not np.array_equal(copy, ref, equal_nan=True):
+    diff = float(np.nanmax(np.abs(copy - ref)))
+    raise ConversionError(f"{where} differs from {source!r} (max abs diff {diff:.4g}); transformers feeds it to "
+                          f"that stack instead of {source!r}, but t5x_lite holds one embedding for both stacks, so "
+                          "this checkpoint with untied input embeddings cannot be loaded")
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:

@@ -6,7 +6,6 @@ for; every failure is re-raised as `ConversionError` naming the file (and tensor
 
 import json
 import os
-import secrets
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
@@ -14,6 +13,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from t5x_lite.convert.staging import move_into_place, temp_dir_beside
 from t5x_lite.errors import ConversionError
 
 SINGLE_FILE = "model.safetensors"
@@ -120,15 +120,16 @@ def write_checkpoint(entries: list[tuple[str, tuple, np.dtype]], arrays: Iterabl
 
   `entries` lists (name, shape, dtype) up front and `arrays` yields the tensors in that order, one at a time,
   each written as it arrives: no more than one tensor is held here. Everything goes into a temporary
-  directory beside `out_dir` and is moved into place at the end, so a failure leaves no half-written
-  checkpoint. `extra_files` maps file names to contents, str or bytes (config.json, tokenizer files).
+  directory beside `out_dir` (`staging.temp_dir_beside`) and is moved into place at the end, so a failure
+  leaves no half-written checkpoint. `extra_files` maps file names to contents, str or bytes (config.json,
+  tokenizer files).
   Raises ConversionError naming `out_dir` when it cannot be written.
   """
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ConversionError(f"{out_dir}: exists and is not a directory")
-  tmp = _temp_dir_beside(out_dir)
+  tmp = temp_dir_beside(out_dir)
   try:
     shards: list[list] = [[]]
     size = total = 0
@@ -153,32 +154,11 @@ def write_checkpoint(entries: list[tuple[str, tuple, np.dtype]], arrays: Iterabl
     for fname, content in (extra_files or {}).items():
       with open(os.path.join(tmp, fname), "wb") as f:
         f.write(content.encode() if isinstance(content, str) else content)
-    if not os.path.exists(out_dir):
-      os.rename(tmp, out_dir)
-      return
     # Into an existing directory: replace only our files, and drop weight files of an earlier export so
     # that no stale shard or index remains beside the new ones.
-    for fname in os.listdir(out_dir):
+    for fname in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
       if fname.startswith("model") and ".safetensors" in fname and not os.path.exists(os.path.join(tmp, fname)):
         os.remove(os.path.join(out_dir, fname))
-    for fname in os.listdir(tmp):
-      os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
+    move_into_place(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _temp_dir_beside(out_dir: str) -> str:
-  """A new empty directory in `out_dir`'s parent (created if missing), to be renamed to `out_dir`.
-
-  Made with os.mkdir, so it gets the umask's permissions like any new directory; tempfile.mkdtemp's 0o700
-  would stay on the exported directory after the rename.
-  """
-  parent, name = os.path.split(os.path.abspath(out_dir))
-  tmp = os.path.join(parent, f".tmp-{name}-{secrets.token_hex(4)}")
-  try:
-    os.makedirs(parent, exist_ok=True)
-    os.mkdir(tmp)
-  except OSError as e:
-    # The user's path, not the temporary one, and no traceback for what is a bad --out.
-    raise ConversionError(f"{out_dir}: cannot create the output directory ({e.strerror or e})") from None
-  return tmp

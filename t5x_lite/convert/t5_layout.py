@@ -3,10 +3,13 @@
 from t5x_lite.config import T5Config
 from t5x_lite.convert.layout import Rule
 
-# Present in some files, never needed: copies of the shared embedding (old .bin exports) and a cross-attention
-# bias table transformers creates but never uses.
-IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
+# A cross-attention bias table transformers creates but never uses.
+IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+# Each stack's input embedding, which we hold once as `shared.weight`. Old .bin exports store them as copies of
+# it; but transformers 5 ties them to it only when equal, and a checkpoint with untied embeddings (saved after
+# from_pretrained kept differing ones) feeds each stack its own: such a file must not load as if tied.
+COPIES = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
 
 
 def _attention(stack: str, sub: str, ours: str, module: str) -> list[Rule]:
@@ -65,9 +68,18 @@ def layout(config: T5Config) -> list[Rule]:
   return rules
 
 
+def _head_prefix(config: T5Config) -> str:
+  return "transformer." if config.task in ("seq_cls", "token_cls") else ""
+
+
 def ignored(config: T5Config) -> tuple[str, ...]:
-  prefix = "transformer." if config.task in ("seq_cls", "token_cls") else ""
-  return tuple(prefix + name for name in IGNORED)
+  return tuple(_head_prefix(config) + name for name in IGNORED)
+
+
+def copies(config: T5Config) -> dict[str, str]:
+  """HF name -> the layout tensor it must equal when a file holds it (then it is skipped)."""
+  prefix = _head_prefix(config)
+  return {prefix + name: prefix + source for name, source in COPIES.items()}
 
 
 def _prefixed(rule: Rule, prefix: str) -> Rule:
