@@ -3,8 +3,13 @@
   python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
                   [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
 
-Every input line gets one output line, in order; a bad line gets {"error": ...} and the run goes on. The
-output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
+Input (--input): one JSON object per line holding its input under "text" (a string), "input_ids" (a list of token
+ids) or "inputs" (either: the name train.py's seq2seq records use), and for --mode score its target under "target"
+or "targets" (a string or ids). Output: one line per input line, in order: {"output": text, "output_ids": [...]}
+or {"score": float}; a line that cannot be processed (bad JSON, no input key, two spellings of one field such as
+"text" and "inputs", ...) gets {"error": ...} and the run goes on.
+
+The output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
 Settings and files are checked before the model loads: a bad setting, an output that is the input, or an existing
 output that is not this tool's exits 2 ("infer.py: error: ...") and leaves the output as it was.
 """
@@ -14,9 +19,11 @@ import sys
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  title, _, *notes = __doc__.split("\n\n")  # --help: the title, argparse's usage, then the notes on lines and files
+  p = argparse.ArgumentParser(description=title, epilog="\n\n".join(notes),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="HF model dir, t5x_lite checkpoint, or train.py workdir")
-  p.add_argument("--input", required=True)
+  p.add_argument("--input", required=True, help='JSONL, a line such as {"text": ...} (keys: see below)')
   p.add_argument("--output", required=True)
   p.add_argument("--mode", choices=["generate", "score"], default="generate")
   p.add_argument("--batch-size", type=int, default=8)

@@ -1,11 +1,12 @@
 """Batch inference over JSONL: every input line gets exactly one output line, in order, and a killed run
 resumes where it stopped.
 
-Input lines: {"text": ...} or {"input_ids": [...]}, plus "target" (text or ids) in score mode. Output lines:
-{"output": text, "output_ids": [...]} or {"score": float}, or {"error": "..."} for a line that cannot be
-processed (a bad line never stops the run). Results are appended a batch at a time and flushed to disk, so
-the output only ever holds complete lines; on restart the complete lines are kept, a torn last line is cut
-off, and work continues with the next input line.
+Input lines: {"text": ...} or {"input_ids": [...]}, plus "target" (text or ids) in score mode; train.py's seq2seq
+spellings {"inputs": ..., "targets": ...} (each text or ids) work too; a line giving two spellings of one field is
+an error line. Output lines: {"output": text, "output_ids": [...]} or {"score": float}, or {"error": "..."} for a
+line that cannot be processed (a bad line never stops the run). Results are appended a batch at a time and flushed
+to disk, so the output only ever holds complete lines; on restart the complete lines are kept, a torn last line is
+cut off, and work continues with the next input line.
 
 Lines are split at "\\n" only (as `wc -l` counts them), never at the other characters str.splitlines breaks at
 (U+2028, U+0085, form feed ...), which JSON text may hold: input line i is always output line i.
@@ -191,6 +192,35 @@ def _list_ids(value: list, name: str, vocab_size: int) -> list[int]:
   return list(value)
 
 
+# The keys an input line may give its input and target under: infer.py's own names (API.md) and the names train.py's
+# seq2seq records use, so a training file can be scored or answered as it is. What each key may hold (a string is
+# text for the tokenizer; a list holds ids):
+INPUT_KEYS = ("text", "input_ids", "inputs")
+TARGET_KEYS = ("target", "targets")
+_HOLDS = {"text": (str,), "input_ids": (list,), "inputs": (str, list), "target": (str, list), "targets": (str, list)}
+_KIND = {str: "a string", list: "a list of integer ids"}
+
+
+def _the_key(record: dict, keys: tuple[str, ...]) -> str | None:
+  """The one key of `keys` that `record` has, None for none, LineError naming them when it has several."""
+  present = [k for k in keys if k in record]
+  if len(present) == 2:
+    raise LineError(f'give either "{present[0]}" or "{present[1]}", not both')
+  if len(present) > 2:
+    raise LineError("give only one of " + ", ".join(f'"{k}"' for k in present))
+  return present[0] if present else None
+
+
+def _field_ids(record: dict, key: str, tokenizer, vocab_size: int) -> list[int]:
+  """The ids `record[key]` gives: text through the tokenizer, or a list of ids, as `_HOLDS[key]` allows."""
+  value, holds = record[key], _HOLDS[key]
+  if isinstance(value, str) and str in holds:
+    return _text_ids(value, key, tokenizer)
+  if isinstance(value, list) and list in holds:
+    return _list_ids(value, key, vocab_size)
+  raise LineError(f'"{key}" must be {" or ".join(_KIND[t] for t in holds)}, got {_type_name(value)}')
+
+
 def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
                model) -> tuple[list[int], list[int] | None]:
   """(input ids, target ids or None) for one JSONL line, or LineError saying what is wrong."""
@@ -209,18 +239,11 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
   if not isinstance(record, dict):
     raise LineError(f"each line must be a JSON object, got {_type_name(record)}")
   vocab_size = model.config.vocab_size
-  if "text" in record and "input_ids" in record:
-    raise LineError('give either "text" or "input_ids", not both')
-  if "text" in record:
-    if not isinstance(record["text"], str):
-      raise LineError(f'"text" must be a string, got {_type_name(record["text"])}')
-    ids = _text_ids(record["text"], "text", tokenizer)
-  elif "input_ids" in record:
-    if not isinstance(record["input_ids"], list):
-      raise LineError(f'"input_ids" must be a list of integer ids, got {_type_name(record["input_ids"])}')
-    ids = _list_ids(record["input_ids"], "input_ids", vocab_size)
-  else:
-    raise LineError('missing field: give "text" or "input_ids"')
+  input_key = _the_key(record, INPUT_KEYS)
+  target_key = _the_key(record, TARGET_KEYS)  # two spellings of the target are ambiguous in either mode
+  if input_key is None:
+    raise LineError('missing field: give "text" or "input_ids" (or "inputs", as train.py reads)')
+  ids = _field_ids(record, input_key, tokenizer, vocab_size)
   if not ids:
     raise LineError("empty input: no ids")
   if len(ids) > options.max_input_length:
@@ -228,17 +251,11 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
                     "(not truncated)")
   target = None
   if options.mode == "score":
-    if "target" not in record:
-      raise LineError('missing field "target" (score mode)')
-    value = record["target"]
-    if isinstance(value, str):
-      target = _text_ids(value, "target", tokenizer)
-    elif isinstance(value, list):
-      target = _list_ids(value, "target", vocab_size)
-    else:
-      raise LineError(f'"target" must be a string or a list of integer ids, got {_type_name(value)}')
+    if target_key is None:
+      raise LineError('missing field "target" (or "targets") in score mode')
+    target = _field_ids(record, target_key, tokenizer, vocab_size)
     bos = getattr(tokenizer, "bos_id", None)
-    if isinstance(value, str) and not model.config.is_encoder_decoder and target[:1] == [bos]:
+    if isinstance(record[target_key], str) and not model.config.is_encoder_decoder and target[:1] == [bos]:
       target = target[1:]  # the target continues the prompt: no second BOS
     if not target:
       raise LineError("empty target")

@@ -101,6 +101,37 @@ def test_score_mode(model_dir, tmp_path):
   assert out[4]["error"] == '"target" must be a list of integer ids, got 8.0 at position 1'
 
 
+def test_training_spellings_inputs_and_targets(model_dir, tmp_path):
+  """train.py's seq2seq records ({"inputs", "targets"}) score as the same line with "text"/"target" does; a line
+  giving two spellings of one field is an error line naming both keys."""
+  lines = ['{"text": "hello world", "target": "the dog"}', '{"inputs": "hello world", "targets": "the dog"}',
+           '{"inputs": [5, 6, 1], "targets": [7, 8, 1]}', '{"input_ids": [5, 6, 1], "target": [7, 8, 1]}',
+           '{"text": "hello", "inputs": "world", "target": "the"}', '{"input_ids": [5], "inputs": [5], "target": [7]}',
+           '{"inputs": "hello", "target": "a dog", "targets": "a fox"}',
+           '{"text": "a", "input_ids": [5], "inputs": "b", "target": "c"}', '{"inputs": 5, "targets": "the"}',
+           '{"inputs": "hello"}']
+  (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+  r = _infer("--model", model_dir, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+             "--mode", "score", "--batch-size", "4")
+  assert r.returncode == 0, r.stderr
+  out = _read(tmp_path / "out.jsonl")
+  assert out[1]["score"] == pytest.approx(out[0]["score"], rel=1e-6)
+  assert out[2]["score"] == pytest.approx(out[3]["score"], rel=1e-6)
+  assert [o.get("error") for o in out[4:]] == [
+      'give either "text" or "inputs", not both', 'give either "input_ids" or "inputs", not both',
+      'give either "target" or "targets", not both', 'give only one of "text", "input_ids", "inputs"',
+      '"inputs" must be a string or a list of integer ids, got a number',
+      'missing field "target" (or "targets") in score mode']
+
+
+def test_help_names_the_input_keys():
+  r = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), "--help"], capture_output=True, text=True,
+                     env={**os.environ, "PYTHONPATH": REPO}, timeout=60)
+  assert r.returncode == 0, r.stderr
+  for key in ("text", "input_ids", "inputs", "target", "targets"):
+    assert f'"{key}"' in r.stdout, key
+
+
 def test_killed_run_resumes_without_duplicates(model_dir, tmp_path):
   rng = np.random.default_rng(1)
   lines = [json.dumps({"text": " ".join(rng.choice(WORDS, rng.integers(2, 8)))}) for _ in range(48)]
