@@ -175,12 +175,20 @@ def _shown(value) -> str:
   return text if not isinstance(value, (list, dict)) and len(text) <= 20 else _type_name(value)
 
 
-def _text_ids(text: str, name: str, tokenizer) -> list[int]:
+def _text_ids(text: str, name: str, tokenizer, vocab_size: int) -> list[int]:
   if not text.strip():
     raise LineError(f'empty input: "{name}" holds no text')
   if tokenizer is None:
     raise LineError(f'"{name}" is text but the model has no tokenizer; give ids or pass --tokenizer')
-  return tokenizer.encode(text)
+  ids = tokenizer.encode(text)
+  # Checked here, per line, as _list_ids checks given ids: a tokenizer larger than the model's vocabulary (another
+  # model's --tokenizer; sentinels past a resized embedding) would otherwise fail the whole batch in the model.
+  for i, t in enumerate(ids):
+    if not 0 <= t < vocab_size:
+      piece = json.dumps(tokenizer.decode([t], skip_special_tokens=False), ensure_ascii=False)
+      raise LineError(f'"{name}" gives id {t} ({piece}) at position {i}, outside the model\'s vocabulary '
+                      f"[0, {vocab_size}): the tokenizer does not match the model")
+  return ids
 
 
 def _list_ids(value: list, name: str, vocab_size: int) -> list[int]:
@@ -215,7 +223,7 @@ def _field_ids(record: dict, key: str, tokenizer, vocab_size: int) -> list[int]:
   """The ids `record[key]` gives: text through the tokenizer, or a list of ids, as `_HOLDS[key]` allows."""
   value, holds = record[key], _HOLDS[key]
   if isinstance(value, str) and str in holds:
-    return _text_ids(value, key, tokenizer)
+    return _text_ids(value, key, tokenizer, vocab_size)
   if isinstance(value, list) and list in holds:
     return _list_ids(value, key, vocab_size)
   raise LineError(f'"{key}" must be {" or ".join(_KIND[t] for t in holds)}, got {_type_name(value)}')

@@ -27,13 +27,25 @@ def model_dir(tmp_path_factory):
   """A tiny T5 (vocab 140 = 40 pieces + 100 sentinels) with a sentencepiece model trained here."""
   d = tmp_path_factory.mktemp("t5_with_tokenizer")
   _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
-  rng = np.random.default_rng(0)
+  (d / "spiece.model").write_bytes(_train_spm(0, 40))
+  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**{**T5_TINY, "vocab_size": 140}), d, seed=5)
+  return str(d)
+
+
+def _train_spm(corpus_seed: int, vocab_size: int) -> bytes:
+  rng = np.random.default_rng(corpus_seed)
   corpus = [" ".join(rng.choice(WORDS, rng.integers(3, 10))) for _ in range(500)]
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=40, pad_id=0,
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=vocab_size, pad_id=0,
                                  eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-  (d / "spiece.model").write_bytes(buf.getvalue())
-  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**{**T5_TINY, "vocab_size": 140}), d, seed=5)
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer_dir(tmp_path_factory):
+  """A T5 tokenizer of 44 pieces + 100 sentinels: ids up to 143, past model_dir's vocabulary of 140."""
+  d = tmp_path_factory.mktemp("big_tokenizer")
+  (d / "spiece.model").write_bytes(_train_spm(0, 44))
   return str(d)
 
 
@@ -122,6 +134,20 @@ def test_training_spellings_inputs_and_targets(model_dir, tmp_path):
       'give either "target" or "targets", not both', 'give only one of "text", "input_ids", "inputs"',
       '"inputs" must be a string or a list of integer ids, got a number',
       'missing field "target" (or "targets") in score mode']
+
+
+def test_text_past_the_vocabulary_fails_its_line_only(model_dir, big_tokenizer_dir, tmp_path):
+  """A tokenizer larger than the model (here <extra_id_0> = 143 >= 140) fails the line that meets such an id, as an
+  out-of-range id in "input_ids" does, and the other lines of its batch are answered."""
+  lines = ['{"text": "hello world"}', '{"text": "the lazy dog <extra_id_0>"}', '{"inputs": "quick fox"}']
+  (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+  r = _infer("--model", model_dir, "--tokenizer", big_tokenizer_dir, "--input", str(tmp_path / "in.jsonl"),
+             "--output", str(tmp_path / "out.jsonl"), "--batch-size", "3", "--max-new-tokens", "3")
+  assert r.returncode == 0, r.stderr
+  out = _read(tmp_path / "out.jsonl")
+  assert out[1] == {"error": '"text" gives id 143 ("<extra_id_0>") at position 3, outside the model\'s vocabulary '
+                             "[0, 140): the tokenizer does not match the model"}
+  assert "output_ids" in out[0] and "output_ids" in out[2], out
 
 
 def test_help_names_the_input_keys():
