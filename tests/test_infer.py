@@ -52,8 +52,10 @@ def big_tokenizer_dir(tmp_path_factory):
 def _infer(*args, **popen):
   cmd = [sys.executable, os.path.join(REPO, "infer.py"), *args]
   # A shared persistent compilation cache: the repeated runs of the resume test skip recompiling.
-  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_COMPILATION_CACHE_DIR": _CACHE["dir"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  # (Set up by the model_dir fixture; a test without a model, run on its own, goes without.)
+  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  if "dir" in _CACHE:
+    env.update({"JAX_COMPILATION_CACHE_DIR": _CACHE["dir"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
   if popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return subprocess.run(cmd, env=env, capture_output=True, text=True)
