@@ -3,10 +3,20 @@
   python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
                   [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
 
-Every input line gets one output line, in order; a bad line gets {"error": ...} and the run goes on. The
-output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
-Settings and files are checked before the model loads: a bad setting, an output that is the input, or an existing
-output that is not this tool's exits 2 ("infer.py: error: ...") and leaves the output as it was.
+Input (--input): one JSON object per line holding its input under "text" (a string), "input_ids" (a list of token
+ids) or "inputs" (either: the name train.py's seq2seq records use), and for --mode score its target under "target"
+or "targets" (a string or ids). Output: one line per input line, in order: {"output": text, "output_ids": [...]}
+or {"score": float}; a line that cannot be processed (bad JSON, no input key, two spellings of one field such as
+"text" and "inputs", ...) gets {"error": ...} and the run goes on.
+
+The output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
+OUT.jsonl.run records what produced the answers (the model's files, the tokenizer, the settings that change answers
+-- not --batch-size or --mesh -- and a digest of each input line answered): a rerun that would answer differently
+(another model, --method, --max-new-tokens ..., or a corrected input line among those answered) is refused, naming
+what differs, and so is an output without a record (written before infer.py kept them); --overwrite starts afresh.
+Settings and files are checked before the model loads: a bad setting, an output that is the input, cannot be
+written, is not this tool's, or holds another run's answers exits 2 ("infer.py: error: ...") and leaves the output
+as it was.
 """
 
 import argparse
@@ -14,9 +24,11 @@ import sys
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  title, _, *notes = __doc__.split("\n\n")  # --help: the title, argparse's usage, then the notes on lines and files
+  p = argparse.ArgumentParser(description=title, epilog="\n\n".join(notes),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="HF model dir, t5x_lite checkpoint, or train.py workdir")
-  p.add_argument("--input", required=True)
+  p.add_argument("--input", required=True, help='JSONL, a line such as {"text": ...} (keys: see below)')
   p.add_argument("--output", required=True)
   p.add_argument("--mode", choices=["generate", "score"], default="generate")
   p.add_argument("--batch-size", type=int, default=8)
@@ -32,9 +44,11 @@ def main(argv=None) -> int:
   p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
+  p.add_argument("--overwrite", action="store_true",
+                 help="answer every line afresh, discarding the answers an earlier run left in --output")
   args = p.parse_args(argv)
   # t5x_lite.inference imports numpy only (no JAX): the checks below run in a fraction of a second.
-  from t5x_lite import inference  # pylint: disable=import-outside-toplevel
+  from t5x_lite import inference, inference_record  # pylint: disable=import-outside-toplevel
   try:  # every run-wide setting, before the model loads: a bad one would otherwise fail each line in turn
     options = inference.InferenceOptions(
         mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -42,8 +56,9 @@ def main(argv=None) -> int:
         top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
   except ValueError as e:
     p.error(str(e))  # exits 2
-  try:  # and the files: the output must not be the input, and a file to resume must be our output
-    inference.check_files(args.input, args.output, args.mode)
+  try:  # and the files: the output must not be the input, be writable, and hold only answers this run would give
+    run = inference_record.describe(args.model, args.tokenizer, options, args.dtype, args.input)
+    inference.check_files(args.input, args.output, run, overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     return _fail(p, e)
 
@@ -58,7 +73,7 @@ def main(argv=None) -> int:
       model.tokenizer = load_tokenizer(args.tokenizer, model.config.family)
       if model.tokenizer is None:
         raise ValueError(f"{args.tokenizer}: no tokenizer file (spiece.model / tokenizer.model) found")
-    stats = inference.run_file(model, args.input, args.output, options)
+    stats = inference.run_file(model, args.input, args.output, options, run=run, overwrite=args.overwrite)
   except (t5x_lite.ConversionError, ValueError, OSError) as e:
     return _fail(p, e)
   errors = f"{stats['errors']} errors"

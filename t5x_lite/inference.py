@@ -1,16 +1,19 @@
 """Batch inference over JSONL: every input line gets exactly one output line, in order, and a killed run
 resumes where it stopped.
 
-Input lines: {"text": ...} or {"input_ids": [...]}, plus "target" (text or ids) in score mode. Output lines:
-{"output": text, "output_ids": [...]} or {"score": float}, or {"error": "..."} for a line that cannot be
-processed (a bad line never stops the run). Results are appended a batch at a time and flushed to disk, so
-the output only ever holds complete lines; on restart the complete lines are kept, a torn last line is cut
-off, and work continues with the next input line.
+Input lines: {"text": ...} or {"input_ids": [...]}, plus "target" (text or ids) in score mode; train.py's seq2seq
+spellings {"inputs": ..., "targets": ...} (each text or ids) work too; a line giving two spellings of one field is
+an error line. Output lines: {"output": text, "output_ids": [...]} or {"score": float}, or {"error": "..."} for a
+line that cannot be processed (a bad line never stops the run). Results are appended a batch at a time and flushed
+to disk, so the output only ever holds complete lines; on restart the complete lines are kept, a torn last line is
+cut off, and work continues with the next input line -- when OUT.jsonl.run says that the same run made them: the
+same model files, tokenizer, answer-changing settings and input lines (inference_record.py); else the rerun is
+refused, unless asked to start afresh.
 
 Lines are split at "\\n" only (as `wc -l` counts them), never at the other characters str.splitlines breaks at
 (U+2028, U+0085, form feed ...), which JSON text may hold: input line i is always output line i.
-A run-wide mistake (a bad setting, an output file that is the input or not our output) raises ValueError before
-anything is written: reported once per line instead, it would be kept by every resumed run.
+A run-wide mistake (a bad setting, an output file that is the input, not writable, not our output or another run's)
+raises ValueError before anything is written: reported once per line instead, it would be kept by every resumed run.
 """
 
 import dataclasses
@@ -18,10 +21,13 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 from tqdm import tqdm
+
+from t5x_lite import inference_record
 
 # The keys of an output line, and how json.dumps begins each kind: a torn last line must begin like one of them.
 OUTPUT_KEYS = ("output", "output_ids", "score", "error")
@@ -100,8 +106,8 @@ def read_lines(path: str) -> list[bytes]:
   return lines
 
 
-def _output_record(raw: bytes, mode: str) -> tuple[dict | None, str]:
-  """(the record, "") for a complete line this module writes in `mode`, else (None, what is wrong with it)."""
+def _output_record(raw: bytes) -> tuple[dict | None, str]:
+  """(the record, "") for a complete line this module writes (in either mode), else (None, what is wrong with it)."""
   try:
     record = json.loads(raw)
   except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
@@ -110,41 +116,84 @@ def _output_record(raw: bytes, mode: str) -> tuple[dict | None, str]:
     return None, "is not a JSON object"
   if not any(k in record for k in OUTPUT_KEYS):
     return None, f"has none of the keys {', '.join(OUTPUT_KEYS)}"
-  wanted = "output_ids" if mode == "generate" else "score"
-  if "error" not in record and wanted not in record:
-    return None, f'has neither "{wanted}" nor "error"'
+  if not any(k in record for k in ("output_ids", "score", "error")):
+    return None, 'has none of "output_ids", "score", "error"'
   return record, ""
 
 
-def _not_ours(output_path: str, line: int, problem: str, mode: str) -> ValueError:
-  return ValueError(f"{output_path} line {line} {problem}: it does not look like infer.py --mode {mode} output to "
-                    "resume (left unchanged); remove it or give another --output")
+def _not_ours(output_path: str, line: int, problem: str) -> ValueError:
+  return ValueError(f"{output_path} line {line} {problem}: it does not look like infer.py output to resume (left "
+                    "unchanged); remove it or give another --output")
 
 
-def check_files(input_path: str, output_path: str, mode: str = "generate") -> tuple[list[bytes], int, int]:
-  """(input lines, complete output lines to keep, error lines among them). Only reads: ValueError when the output
-  is the input, holds more lines than it, or holds a line this module would not write (the user's file is left
-  as it is); a torn last line that begins like one of ours is an interrupted write, cut off later by run_file."""
-  if os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(input_path, output_path):
-    raise ValueError(f"--output {output_path} is the input file {input_path}: its lines would be taken for "
-                     "finished answers; give another --output")
-  lines = read_lines(input_path)
-  if not os.path.exists(output_path):
-    return lines, 0, 0
+def _check_writable(output_path: str) -> None:
+  """ValueError unless the output (and its record) can be written: found now, not after the model has loaded."""
+  folder = os.path.dirname(os.path.abspath(output_path))
+  if not os.path.isdir(folder):
+    raise ValueError(f"--output {output_path}: {folder} is not a folder" if os.path.exists(folder) else
+                     f"--output {output_path}: the folder {folder} does not exist")
+  try:  # a file made and removed: permission bits alone miss a read-only file system, and root's rights
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".infer-write-check-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--output {output_path}: cannot create files in {folder} ({e.strerror})") from None
+  for path in (output_path, inference_record.record_path(output_path)):
+    try:
+      if os.path.exists(path):
+        open(path, "rb+").close()  # pylint: disable=consider-using-with
+    except OSError as e:
+      raise ValueError(f"--output {output_path}: cannot write {path} ({e.strerror})") from None
+
+
+def _read_output(output_path: str) -> tuple[int, int]:
+  """(complete lines, error lines among them) of an existing output; ValueError for a file not of this module
+  (a torn last line that begins like one of ours is an interrupted write, cut off later by run_file)."""
   with open(output_path, "rb") as f:
     data = f.read()
   keep = data.rfind(b"\n") + 1
   done, errors = 0, 0
   for done, raw in enumerate(data[:keep].split(b"\n")[:-1], 1):
-    record, problem = _output_record(raw, mode)
+    record, problem = _output_record(raw)
     if record is None:
-      raise _not_ours(output_path, done, problem, mode)
+      raise _not_ours(output_path, done, problem)
     errors += "error" in record
   torn = data[keep:]
   if torn and not any(torn[:len(s)] == s[:len(torn)] for s in _LINE_STARTS):
-    raise _not_ours(output_path, done + 1, "is cut off and does not begin like an output line", mode)
+    raise _not_ours(output_path, done + 1, "is cut off and does not begin like an output line")
+  return done, errors
+
+
+def _answers(n: int) -> str:
+  return f"{n} answer{'s' * (n != 1)}"
+
+
+def check_files(input_path: str, output_path: str, run: dict, *,
+                overwrite: bool = False) -> tuple[list[bytes], int, int]:
+  """(input lines, complete output lines to keep, error lines among them) for a run described by `run`
+  (inference_record.describe). Only reads: ValueError when the output is the input, cannot be written, holds a
+  line this module would not write, or holds answers `run` would not give (another model, setting or input line,
+  or no record of them) unless `overwrite` (then none are kept). The files are left as they are."""
+  if os.path.exists(output_path) and os.path.exists(input_path) and os.path.samefile(input_path, output_path):
+    raise ValueError(f"--output {output_path} is the input file {input_path}: its lines would be taken for "
+                     "finished answers; give another --output")
+  lines = read_lines(input_path)
+  _check_writable(output_path)
+  record_file = inference_record.record_path(output_path)
+  recorded = inference_record.read(record_file)  # first: a file there that is not ours is never overwritten
+  done, errors = _read_output(output_path) if os.path.exists(output_path) else (0, 0)
+  if overwrite or done == 0:
+    return lines, 0, 0
   if done > len(lines):
     raise ValueError(f"{output_path} has {done} lines but {input_path} only {len(lines)}: not its output")
+  if recorded is None:  # written before infer.py kept records, or by hand: what made these answers is unknown
+    raise ValueError(f"{output_path} holds {_answers(done)} but no record of what produced them ({record_file}): "
+                     "pass --overwrite to answer every line afresh, or give another --output (left unchanged)")
+  old, digests = recorded
+  changed = inference_record.differences(old, run, digests, lines, done)
+  if changed:
+    raise ValueError(f"{output_path} holds {_answers(done)} of another run ({'; '.join(changed)}): pass --overwrite "
+                     "to answer every line afresh, or give another --output (left unchanged)")
   return lines, done, errors
 
 
@@ -174,12 +223,20 @@ def _shown(value) -> str:
   return text if not isinstance(value, (list, dict)) and len(text) <= 20 else _type_name(value)
 
 
-def _text_ids(text: str, name: str, tokenizer) -> list[int]:
+def _text_ids(text: str, name: str, tokenizer, vocab_size: int) -> list[int]:
   if not text.strip():
     raise LineError(f'empty input: "{name}" holds no text')
   if tokenizer is None:
     raise LineError(f'"{name}" is text but the model has no tokenizer; give ids or pass --tokenizer')
-  return tokenizer.encode(text)
+  ids = tokenizer.encode(text)
+  # Checked here, per line, as _list_ids checks given ids: a tokenizer larger than the model's vocabulary (another
+  # model's --tokenizer; sentinels past a resized embedding) would otherwise fail the whole batch in the model.
+  for i, t in enumerate(ids):
+    if not 0 <= t < vocab_size:
+      piece = json.dumps(tokenizer.decode([t], skip_special_tokens=False), ensure_ascii=False)
+      raise LineError(f'"{name}" gives id {t} ({piece}) at position {i}, outside the model\'s vocabulary '
+                      f"[0, {vocab_size}): the tokenizer does not match the model")
+  return ids
 
 
 def _list_ids(value: list, name: str, vocab_size: int) -> list[int]:
@@ -189,6 +246,35 @@ def _list_ids(value: list, name: str, vocab_size: int) -> list[int]:
     if not 0 <= t < vocab_size:
       raise LineError(f'"{name}" holds id {t} at position {i}, outside the vocabulary [0, {vocab_size})')
   return list(value)
+
+
+# The keys an input line may give its input and target under: infer.py's own names (API.md) and the names train.py's
+# seq2seq records use, so a training file can be scored or answered as it is. What each key may hold (a string is
+# text for the tokenizer; a list holds ids):
+INPUT_KEYS = ("text", "input_ids", "inputs")
+TARGET_KEYS = ("target", "targets")
+_HOLDS = {"text": (str,), "input_ids": (list,), "inputs": (str, list), "target": (str, list), "targets": (str, list)}
+_KIND = {str: "a string", list: "a list of integer ids"}
+
+
+def _the_key(record: dict, keys: tuple[str, ...]) -> str | None:
+  """The one key of `keys` that `record` has, None for none, LineError naming them when it has several."""
+  present = [k for k in keys if k in record]
+  if len(present) == 2:
+    raise LineError(f'give either "{present[0]}" or "{present[1]}", not both')
+  if len(present) > 2:
+    raise LineError("give only one of " + ", ".join(f'"{k}"' for k in present))
+  return present[0] if present else None
+
+
+def _field_ids(record: dict, key: str, tokenizer, vocab_size: int) -> list[int]:
+  """The ids `record[key]` gives: text through the tokenizer, or a list of ids, as `_HOLDS[key]` allows."""
+  value, holds = record[key], _HOLDS[key]
+  if isinstance(value, str) and str in holds:
+    return _text_ids(value, key, tokenizer, vocab_size)
+  if isinstance(value, list) and list in holds:
+    return _list_ids(value, key, vocab_size)
+  raise LineError(f'"{key}" must be {" or ".join(_KIND[t] for t in holds)}, got {_type_name(value)}')
 
 
 def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
@@ -209,18 +295,11 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
   if not isinstance(record, dict):
     raise LineError(f"each line must be a JSON object, got {_type_name(record)}")
   vocab_size = model.config.vocab_size
-  if "text" in record and "input_ids" in record:
-    raise LineError('give either "text" or "input_ids", not both')
-  if "text" in record:
-    if not isinstance(record["text"], str):
-      raise LineError(f'"text" must be a string, got {_type_name(record["text"])}')
-    ids = _text_ids(record["text"], "text", tokenizer)
-  elif "input_ids" in record:
-    if not isinstance(record["input_ids"], list):
-      raise LineError(f'"input_ids" must be a list of integer ids, got {_type_name(record["input_ids"])}')
-    ids = _list_ids(record["input_ids"], "input_ids", vocab_size)
-  else:
-    raise LineError('missing field: give "text" or "input_ids"')
+  input_key = _the_key(record, INPUT_KEYS)
+  target_key = _the_key(record, TARGET_KEYS)  # two spellings of the target are ambiguous in either mode
+  if input_key is None:
+    raise LineError('missing field: give "text" or "input_ids" (or "inputs", as train.py reads)')
+  ids = _field_ids(record, input_key, tokenizer, vocab_size)
   if not ids:
     raise LineError("empty input: no ids")
   if len(ids) > options.max_input_length:
@@ -228,17 +307,11 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
                     "(not truncated)")
   target = None
   if options.mode == "score":
-    if "target" not in record:
-      raise LineError('missing field "target" (score mode)')
-    value = record["target"]
-    if isinstance(value, str):
-      target = _text_ids(value, "target", tokenizer)
-    elif isinstance(value, list):
-      target = _list_ids(value, "target", vocab_size)
-    else:
-      raise LineError(f'"target" must be a string or a list of integer ids, got {_type_name(value)}')
+    if target_key is None:
+      raise LineError('missing field "target" (or "targets") in score mode')
+    target = _field_ids(record, target_key, tokenizer, vocab_size)
     bos = getattr(tokenizer, "bos_id", None)
-    if isinstance(value, str) and not model.config.is_encoder_decoder and target[:1] == [bos]:
+    if isinstance(record[target_key], str) and not model.config.is_encoder_decoder and target[:1] == [bos]:
       target = target[1:]  # the target continues the prompt: no second BOS
     if not target:
       raise LineError("empty target")
@@ -282,39 +355,61 @@ def _chunks(lines: list[bytes], start: int, size: int) -> Iterator[tuple[int, li
     yield i, lines[i:i + size]
 
 
-def run_file(model, input_path: str, output_path: str, options: InferenceOptions, *, progress: bool = True) -> dict:
-  """Answers every line of `input_path` into `output_path`, resuming after its complete lines.
+def _open_run(output_path: str, run: dict, done: int):
+  """The output and its record opened for appending: afresh (done == 0: the output emptied first, so a kill in
+  between leaves no answers under a record that did not make them) or after the `done` answers kept."""
+  record_file = inference_record.record_path(output_path)
+  if done == 0:
+    open(output_path, "wb").close()  # pylint: disable=consider-using-with
+    inference_record.write_new(record_file, run)
+  else:
+    if complete_lines(output_path) != done:  # cuts a torn last line; a count that moved means another writer
+      raise ValueError(f"{output_path} changed while this run started: is another infer.py writing it?")
+    inference_record.keep_digests(record_file, done)
+  return open(output_path, "a", encoding="utf-8"), open(record_file, "ab")  # pylint: disable=consider-using-with
+
+
+def run_file(model, input_path: str, output_path: str, options: InferenceOptions, *, run: dict,
+             overwrite: bool = False, progress: bool = True) -> dict:
+  """Answers every line of `input_path` into `output_path`, resuming after its complete lines when `run`
+  (inference_record.describe) is what made them (check_files), afresh with `overwrite`.
 
   Returns {"lines", "resumed_at", "errors" (all error lines in the file), "earlier_errors" (those of them kept
   from the earlier run)}.
   """
   if model.config.task != "lm":  # every batch would fail: refuse once rather than write an error per line
     raise ValueError(f"{options.mode} needs a language-model head; this model's task is {model.config.task!r}")
-  lines, done, earlier_errors = check_files(input_path, output_path, options.mode)
-  if complete_lines(output_path) != done:  # cuts a torn last line; a count that moved means another writer
-    raise ValueError(f"{output_path} changed while this run started: is another infer.py writing it?")
+  lines, done, earlier_errors = check_files(input_path, output_path, run, overwrite=overwrite)
   stats = {"lines": len(lines), "resumed_at": done, "errors": earlier_errors, "earlier_errors": earlier_errors}
+  out, record = _open_run(output_path, run, done)
   bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress, file=sys.stderr)
-  with open(output_path, "a", encoding="utf-8") as out, bar:  # the bar closes on an error too (own line for it)
+  with out, record, bar:  # the bar closes on an error too (own line for it)
     for start, chunk in _chunks(lines, done, options.batch_size):
-      results: list[dict | None] = [None] * len(chunk)
-      good = []
-      for k, line in enumerate(chunk):
-        try:
-          good.append((k, parse_line(line, options, model.tokenizer, model)))
-        except LineError as e:
-          results[k] = {"error": str(e)}
-          stats["errors"] += 1
-      if good:
-        try:
-          for (k, _), result in zip(good, run_batch(model, [g for _, g in good], options, options.seed + start)):
-            results[k] = result
-        except ValueError as e:  # a batch the model rejects: report it on each of its lines, keep going
-          for k, _ in good:
-            results[k] = {"error": f"batch failed: {e}"}
-            stats["errors"] += 1
+      results = _answer(model, chunk, options, options.seed + start, stats)
+      inference_record.append_digests(record, chunk)  # before the answers: the record covers every answer
       out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
       out.flush()
       os.fsync(out.fileno())
       bar.update(len(chunk))
   return stats
+
+
+def _answer(model, chunk: list[bytes], options: InferenceOptions, seed: int, stats: dict) -> list[dict]:
+  """The output records of a chunk of input lines, in order; error lines counted in `stats`."""
+  results: list[dict | None] = [None] * len(chunk)
+  good = []
+  for k, line in enumerate(chunk):
+    try:
+      good.append((k, parse_line(line, options, model.tokenizer, model)))
+    except LineError as e:
+      results[k] = {"error": str(e)}
+      stats["errors"] += 1
+  if good:
+    try:
+      for (k, _), result in zip(good, run_batch(model, [g for _, g in good], options, seed)):
+        results[k] = result
+    except ValueError as e:  # a batch the model rejects: report it on each of its lines, keep going
+      for k, _ in good:
+        results[k] = {"error": f"batch failed: {e}"}
+        stats["errors"] += 1
+  return results
