@@ -2,8 +2,13 @@
 
 import os
 
-# Before jax is imported anywhere: 8 CPU devices so sharded runs can be compared with unsharded ones.
+# Before jax is imported anywhere: 8 CPU devices so sharded runs can be compared with unsharded ones, and the
+# collective timeout of our entry points (t5x_lite/xla_flags.py: XLA:CPU aborts a process whose host devices wait
+# for each other at a collective for 20 + 40 s of wall time, as 8 devices on a loaded 2-core machine did in issue 14).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from t5x_lite import xla_flags  # noqa: E402  (imports no JAX)
+
+xla_flags.set_cpu_defaults(xla_flags.COLLECTIVE_TIMEOUTS)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -102,9 +102,11 @@ def test_xla_cpu_defaults_keep_the_users_flags(monkeypatch):
   xla_flags.set_cpu_defaults()
   assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
                                                             *xla_flags.CPU_DEFAULTS]
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,reduce")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,reduce "
+                     "--xla_cpu_collective_call_terminate_timeout_seconds=30")
   xla_flags.set_cpu_defaults()
-  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+  assert os.environ["XLA_FLAGS"] == ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce "
+                                     "--xla_cpu_collective_call_terminate_timeout_seconds=30")
 
 
 @pytest.mark.parametrize("N,K,bias_shape,mask_kind,softcap", [
