@@ -126,14 +126,13 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   mesh = sharding.make_mesh(mesh_spec or f"data:{jax.device_count()}")
   opt, sched = optimizers.make_optimizer(optimizer, schedule)  # checks the optimizer's and schedule's settings
   batches = make_batches(data, tokenizer, documents=documents)  # checks every document
-  for name in ("mesh_spec", "optimizer", "schedule"):
-    del settings[name]
+  loop_settings = {k: v for k, v in settings.items() if k not in ("mesh_spec", "optimizer", "schedule")}
   try:
     with workdir_lib.run_lock(workdir):
       workdir_lib.write_run_files(workdir, config_json=config_json, gin_config=gin.config_str(),
                                   tokenizer_files=tokenizer_files, fingerprint=fingerprint)
       return _train_locked(workdir, config, config_json, data, batches, tokenizer, eval_documents, start, mesh=mesh,
-                           opt=opt, sched=sched, **settings)
+                           opt=opt, sched=sched, **loop_settings)
   finally:
     if hasattr(batches, "close"):
       batches.close()
