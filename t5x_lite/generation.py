@@ -94,8 +94,8 @@ def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k:
       vocab_major = config.family == "gemma" and config.tie_lm_head
       step_fn = functools.partial(step, vocab_major=True) if vocab_major else step
       out = decode_tokens(step_fn, state, first, max_new_tokens=max_new, eos_id=eos, pad_id=pad, method=method,
-                          temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, first_logits_NV=first_logits,
-                          done_N=done, limit=limit, vocab_major=vocab_major)
+                          temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, first_logits_RV=first_logits,
+                          done_R=done, limit=limit, vocab_major=vocab_major)
     return out
 
   return jax.jit(generate_tokens)

@@ -1,6 +1,7 @@
 """Model-agnostic decoding: greedy and sampling loops, beam search, token filtering, shape buckets.
 
-A model plugs in through `step_fn(tokens_N, state, t) -> (logits_NV, state)`; nothing here knows a family.
+A model plugs in through `step_fn(tokens_R, state, t) -> (logits_RV, state)`; nothing here knows a family.
+Shape letters: t5x_lite/shapes.py (R = rows, B x W beams).
 """
 
 from t5x_lite.decoding.loop import decode_tokens

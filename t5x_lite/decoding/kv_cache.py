@@ -37,9 +37,9 @@ def write(cache: jax.Array, new_BTKH: jax.Array, index: jax.Array) -> jax.Array:
   return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0,) * (cache.ndim - 2) + (index, 0))
 
 
-def take_rows(cache: jax.Array, rows_N: jax.Array, batch: int, kv_heads: int) -> jax.Array:
-  """The cache of rows `rows_N` (N indices into the `batch` rows), stored for N rows."""
-  return store(jnp.take(view(cache, batch, kv_heads), rows_N, axis=0))
+def take_rows(cache: jax.Array, rows_R: jax.Array, batch: int, kv_heads: int) -> jax.Array:
+  """The cache of rows `rows_R` (R indices into the `batch` rows), stored for R rows."""
+  return store(jnp.take(view(cache, batch, kv_heads), rows_R, axis=0))
 
 
 def repeat_rows(cache: jax.Array, times: int, batch: int, kv_heads: int) -> jax.Array:

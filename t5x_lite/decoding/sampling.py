@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from t5x_lite.nn.argmax import argmax
 
 
-def filter_logits(logits_NV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
+def filter_logits(logits_RV: jax.Array, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
   """float32 logits with filtered-out tokens set to -inf. `top_k=0` and `top_p=1.0` disable those filters."""
-  logits = logits_NV.astype(jnp.float32)
+  logits = logits_RV.astype(jnp.float32)
   if temperature != 1.0:
     logits = logits / temperature
   if top_k and top_k < logits.shape[-1]:
@@ -32,14 +32,14 @@ def filter_logits(logits_NV: jax.Array, *, temperature: float = 1.0, top_k: int 
   return logits
 
 
-def choose_tokens(logits_NV: jax.Array, rng: jax.Array | None, *, method: str, temperature: float = 1.0,
+def choose_tokens(logits_RV: jax.Array, rng: jax.Array | None, *, method: str, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """(N,) int32 next tokens: argmax for "greedy"; for "sample" one draw per row from the filtered softmax.
+  """(R,) int32 next tokens: argmax for "greedy"; for "sample" one draw per row from the filtered softmax.
 
   Row n draws with `fold_in(rng, n)`, so its tokens do not depend on the batch it shares or its padding.
   """
   if method == "greedy":
-    return argmax(logits_NV, axis=-1)
-  filtered = filter_logits(logits_NV, temperature=temperature, top_k=top_k, top_p=top_p)
+    return argmax(logits_RV, axis=-1)
+  filtered = filter_logits(logits_RV, temperature=temperature, top_k=top_k, top_p=top_p)
   keys = jax.vmap(lambda n: jax.random.fold_in(rng, n))(jnp.arange(filtered.shape[0]))
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

@@ -76,14 +76,14 @@ def _layer_masks(config: GemmaConfig, B: int, T: int, attention_mask_BT, segment
   common = masks.combine(
       None if attention_mask_BT is None else masks.key_padding_mask(attention_mask_BT),
       None if segment_ids_BT is None else masks.segment_mask(segment_ids_BT, segment_ids_BT))
-  W = config.sliding_window
+  w = config.sliding_window
   if config.bidirectional:
-    # Gemma 3 bidirectional: transformers keeps |q - k| < W//2 + 1 in sliding layers, everything in full ones.
+    # Gemma 3 bidirectional: transformers keeps |q - k| < w//2 + 1 in sliding layers, everything in full ones.
     full = masks.sliding_window_mask(slots, slots, left=T, right=T)
-    window = None if W is None else masks.sliding_window_mask(slots, slots, left=W // 2, right=W // 2)
+    window = None if w is None else masks.sliding_window_mask(slots, slots, left=w // 2, right=w // 2)
   else:
     full = masks.causal_mask(slots, slots)
-    window = None if W is None else masks.sliding_window_mask(slots, slots, left=W - 1, right=0)
+    window = None if w is None else masks.sliding_window_mask(slots, slots, left=w - 1, right=0)
   full = masks.combine(full, common)
   return full, (full if window is None else masks.combine(full, window))
 

@@ -1,7 +1,7 @@
 """Gemma with a static-shape KV cache: prefill a left-padded prompt in one pass, then one token per step.
 
 Full-attention layers keep a (B, K, S_max, H) cache; sliding-window layers keep only a ring buffer of
-R = min(window, S_max) slots (slot a lives at ring index a % R). Caches are head-major, one array per layer.
+ring = min(window, S_max) slots (slot a lives at ring index a % ring). Caches are head-major, one array per layer.
 The prefill scans over groups of one layer-type period (Gemma 2: 2, Gemma 3: 6) with the period unrolled
 inside, so each layer's type and cache shape are static and its compile time does not grow with depth. The
 decoding step runs its layers unrolled over per-layer weights prepared once per generate call
@@ -101,9 +101,9 @@ def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
     return x, (kv["k"], kv["v"])
 
   x, kvs = _run_layers(config, _embed(params, config, input_ids_BP), layer)
-  R = ring_size(config, max_length)
-  # Ring index r receives the last prompt slot a < P with a % R == r (or nothing when a < 0).
-  ring_src = (P - 1) - jnp.mod(P - 1 - jnp.arange(R), R)
+  ring = ring_size(config, max_length)
+  # Ring index r receives the last prompt slot a < P with a % ring == r (or nothing when a < 0).
+  ring_src = (P - 1) - jnp.mod(P - 1 - jnp.arange(ring), ring)
   ring_ok = (ring_src >= 0)[None, None, :, None]
   ring_src = jnp.maximum(ring_src, 0)
   dtype = jnp.dtype(config.dtype)
@@ -157,15 +157,15 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
   inv, scale = _setup(config)
   S_max = cache["key_valid"].shape[1]
-  R = ring_size(config, S_max)
+  ring = ring_size(config, S_max)
   key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, slot))
   positions = cache["next_position"][:, None]
   slots = jnp.arange(S_max)
   if config.bidirectional:
     raise ValueError("a bidirectional Gemma 3 has no causal decoding")
   full_mask = (key_valid & (slots <= slot)[None, :])[:, None, None, :]
-  ring_index = jnp.mod(slot, R)
-  ring_slot = slot - jnp.mod(slot - jnp.arange(R), R)  # the absolute slot each ring index holds after the write
+  ring_index = jnp.mod(slot, ring)
+  ring_slot = slot - jnp.mod(slot - jnp.arange(ring), ring)  # the absolute slot each ring index holds after the write
   in_window = (ring_slot >= 0) & (ring_slot > slot - (config.sliding_window or S_max))
   window_mask = (in_window[None, :] & jnp.take(key_valid, jnp.maximum(ring_slot, 0), axis=1))[:, None, None, :]
   eps = config.rms_norm_eps

@@ -18,7 +18,7 @@ IMPLEMENTATION = os.environ.get("T5X_LITE_ATTENTION", "auto")  # auto | xla
 
 
 def project_heads(x_BTD: jax.Array, kernel_DNH: jax.Array) -> jax.Array:
-  """x @ W for a per-head kernel (D, N, H) -> (B, T, N, H)."""
+  """x @ kernel for a per-head kernel (D, N, H) -> (B, T, N, H)."""
   return jnp.einsum("BTD,DNH->BTNH", x_BTD, kernel_DNH.astype(x_BTD.dtype))
 
 

@@ -21,7 +21,7 @@ def causal_mask(q_index_BT: jax.Array, k_index_BS: jax.Array) -> jax.Array:
 def sliding_window_mask(q_index_BT: jax.Array, k_index_BS: jax.Array, *, left: int, right: int) -> jax.Array:
   """Keys whose offset `k - q` lies in [-left, +right] -> (B, 1, T, S).
 
-  A causal window of W tokens including the query is `left=W-1, right=0`.
+  A causal window of w tokens including the query is `left=w-1, right=0`.
   """
   offset = k_index_BS[:, None, None, :] - q_index_BT[:, None, :, None]
   return (offset >= -left) & (offset <= right)
