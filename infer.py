@@ -65,12 +65,13 @@ def main(argv=None) -> int:
   from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
   set_cpu_defaults()
   import t5x_lite  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models.registry import family_of_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   try:
     mesh = t5x_lite.make_mesh(args.mesh) if args.mesh else None
     model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh)
     if args.tokenizer:
-      model.tokenizer = load_tokenizer(args.tokenizer, model.config.family)
+      model.tokenizer = load_tokenizer(args.tokenizer, family_of_config(model.config).tokenizer)
       if model.tokenizer is None:
         raise ValueError(f"{args.tokenizer}: no tokenizer file (spiece.model / tokenizer.model) found")
     stats = inference.run_file(model, args.input, args.output, options, run=run, overwrite=args.overwrite)

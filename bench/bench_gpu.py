@@ -160,12 +160,12 @@ def bench_decode(name, hf_model, batches, quick):
     t_ours = timed(lambda: ours.generate(ids, max_new_tokens=64), 3 if quick else 5, lambda x: None)
     tid = torch.tensor(ids, device="cuda").long()
     kw = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, cache_implementation="static")
-    if ours.config.family == "t5":
+    if ours.config.is_encoder_decoder:
       kw["attention_mask"] = torch.ones_like(tid)
     with torch.no_grad():
       ref = hf_model.generate(tid, **kw)
       t_hf = timed(lambda: hf_model.generate(tid, **kw), 3 if quick else 5, torch_sync)
-    ref = ref.cpu().numpy()[:, 1:] if ours.config.family == "t5" else ref.cpu().numpy()[:, 128:]
+    ref = ref.cpu().numpy()[:, 1:] if ours.config.is_encoder_decoder else ref.cpu().numpy()[:, 128:]
     agree = float((ref[:, :out.shape[1]] == out[:, :ref.shape[1]]).mean())
     rows.append({"model": name, "batch": B, "ours_tok_s": B * 64 / t_ours, "hf_tok_s": B * 64 / t_hf,
                  "speedup": t_hf / t_ours, "ours_ms_per_step": t_ours / 64 * 1e3, "hf_ms_per_step": t_hf / 64 * 1e3,

@@ -9,9 +9,9 @@ import numpy as np
 
 from t5x_lite import generation, sharding
 from t5x_lite.convert import checkpoint, hf
-from t5x_lite.convert.families import family_of_config
 from t5x_lite.decoding import buckets
 from t5x_lite.errors import ConversionError
+from t5x_lite.models.registry import family_of_config
 
 
 def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | str | None = None, *,
@@ -42,7 +42,8 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | str | None
     config = hf.load_hf_config(path, reader).replace(dtype=dtype, param_dtype=param_dtype)
     params = hf.load_hf_params(path, config, mesh=mesh, progress=progress, reader=reader)
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  return Model(config, params, tokenizer=load_tokenizer(path, config.family), mesh=mesh, source_dir=path)
+  tokenizer = load_tokenizer(path, family_of_config(config).tokenizer)
+  return Model(config, params, tokenizer=tokenizer, mesh=mesh, source_dir=path)
 
 
 def read_config(path: str):
@@ -83,10 +84,10 @@ class Model:
     self.params = params
     self.tokenizer = tokenizer
     self.mesh = mesh
-    self._family = family_of_config(config)
-    model = self._family.model
-    self._forward = jax.jit(lambda params, *args: model.forward(params, config, *args))
-    self._encode = jax.jit(lambda params, *args: model.encode(params, config, *args))
+    self._family = family = family_of_config(config)
+    self._forward = jax.jit(lambda params, *args: family.forward(params, config, *args))
+    self._encode = None if family.encode is None else jax.jit(lambda params, *args: family.encode(params, config,
+                                                                                                  *args))
 
   # -------------------------------------------------------------------------------------------- inputs
 
@@ -141,12 +142,8 @@ class Model:
                          "sequence as input_ids only")
     elif task == "lm" and self.config.is_encoder_decoder:
       raise ValueError("decoder_input_ids is required for an encoder-decoder language model")
-    if task == "seq_cls" and self.config.family == "t5":
-      no_eos = np.flatnonzero(~(ids == self.config.eos_token_id).any(axis=1))
-      if no_eos.size:
-        raise ValueError(f"sequence classification reads the last EOS (id {self.config.eos_token_id}) of each "
-                         f"row; row {no_eos[0]} of input_ids has none")
-    args = (ids, mask, dec, dec_mask) if self.config.family == "t5" else (ids, mask)
+    self._family.check_inputs(self.config, ids, dec)
+    args = (ids, mask, dec, dec_mask) if self.config.is_encoder_decoder else (ids, mask)
     with self._mesh_context():
       out = self._forward(self.params, *map(self._place, args))
     return np.asarray(out, dtype=np.float32)
@@ -154,7 +151,7 @@ class Model:
   def encode(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
     """Final encoder hidden states, float32 (B, S, D)."""
     self._no_pixels(pixel_values)
-    if not getattr(self.config, "is_encoder_decoder", False) and self.config.task not in ("encoder", "token_cls"):
+    if self._encode is None:
       raise ValueError(f"{self.config.family} is decoder-only: it has no encoder")
     ids = self._ids(input_ids, "input_ids")
     mask = self._mask(attention_mask, ids, "attention_mask")

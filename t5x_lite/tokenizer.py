@@ -431,9 +431,9 @@ def _is_byt5_dir(model_dir: str) -> bool:
 
 
 def load_tokenizer(model_dir: str, family: str) -> SentencePieceTokenizer | ByteTokenizer | None:
-  """The tokenizer shipped in `model_dir`, or None. `family` is the model config's family ("t5",
-  "gemma", "t5gemma2"); the T5 family reads `spiece.model` (or is ByT5), else rebuilds one from a
-  transformers-5 `tokenizer.json`; the others read `tokenizer.model`.
+  """The tokenizer shipped in `model_dir`, or None. `family` is the tokenizer's flavour, as a model family's
+  registry entry names it (`Family.tokenizer`): "t5" reads `spiece.model` (or is ByT5), else rebuilds one from a
+  transformers-5 `tokenizer.json`; "gemma" reads `tokenizer.model`.
 
   A file that SentencePiece cannot read raises ValueError naming it. A `tokenizer.json` that cannot be read
   exactly (any for Gemma: its BPE needs the `tokenizers` package) gives None with a warning naming the

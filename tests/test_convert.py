@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -456,3 +457,22 @@ def test_export_directory_permissions_follow_the_umask(v11_dir, tmp_path):
     os.umask(old)
   assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
   assert os.stat(tmp_path / "out" / "model.safetensors").st_mode & 0o777 == 0o640
+
+
+def test_export_refuses_a_model_transformers_cannot_hold(tmp_path):
+  """A config transformers' config.json cannot express is refused by name instead of exporting another model."""
+  from t5x_lite.config import GemmaConfig  # pylint: disable=import-outside-toplevel
+  from t5x_lite.model import Model  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models.params import init_params  # pylint: disable=import-outside-toplevel
+  from t5x_lite.models.registry import family_of_config  # pylint: disable=import-outside-toplevel
+  base = GemmaConfig(vocab_size=64, d_model=16, num_heads=2, num_kv_heads=1, head_dim=8, d_ff=32, num_layers=2,
+                     model_type="gemma2", qk_norm=False, rope_theta=10_000.0, rope_local_theta=10_000.0)
+  for config, message in [
+      (base.replace(rope_local_theta=500.0),
+       r"transformers' gemma2 config cannot hold this model \(rope_local_theta: 500.0 would load as 10000.0\)"),
+      (base.replace(model_type="gemma3_text", qk_norm=True, task="token_cls"),
+       r"transformers has no gemma3_text model for task 'token_cls' \(it has \['lm', 'seq_cls'\]\)")]:
+    params = init_params(family_of_config(config).param_specs(config), jax.random.key(0))
+    with pytest.raises(t5x_lite.ConversionError, match=message):
+      Model(config, params).save_hf(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -319,7 +319,8 @@ GEMMA_TINY = ["--gin.TRAIN_STEPS=2", "--gin.SAVE_EVERY=1", "--gin.BATCH_SIZE=2",
               "--gin.GemmaConfig.num_layers=2", "--gin.GemmaConfig.num_heads=2", "--gin.GemmaConfig.num_kv_heads=1",
               "--gin.GemmaConfig.head_dim=16", "--gin.GemmaConfig.query_pre_attn_scalar=16",
               "--gin.GemmaConfig.sliding_window=8", "--gin.GemmaConfig.sliding_pattern=2", "--gin.DataConfig.length=32",
-              "--gin.run.sample_prompts=['the quick']", "--gin.run.sample_max_new_tokens=3"]
+              "--gin.run.sample_prompts=['the quick', 'a lazy dog jumps over the brown fox']",
+              "--gin.run.sample_max_new_tokens=3"]
 
 
 def test_gemma_lm_run_on_files_resumes_refuses_another_model_and_exports(tmp_path, env):
@@ -338,6 +339,12 @@ def test_gemma_lm_run_on_files_resumes_refuses_another_model_and_exports(tmp_pat
   loaded = t5x_lite.load(str(workdir), progress=False)
   assert loaded.tokenizer is not None and loaded.tokenizer.encode("the quick") == \
       t5x_lite.tokenizer.load_tokenizer(str(tok_dir), "gemma").encode("the quick")
+  # Sample prompts of unequal length are left-padded for a decoder-only model (right padding put pad tokens
+  # between the shorter prompt and its continuation): each equals its prompt generated alone.
+  for sample in map(json.loads, open(workdir / "samples.jsonl")):
+    alone = loaded.generate(np.array([loaded.tokenizer.encode(sample["prompt"])]), max_new_tokens=3)[0]
+    assert sample["output"] == loaded.tokenizer.decode(alone.tolist(), skip_special_tokens=False) \
+        .replace("<pad>", "").strip(), sample
 
   # Refused runs leave the workdir byte for byte as it was: another activation; the T5 fine-tuning config (it used
   # to copy T5's tokenizer over Gemma's before refusing); a resume naming another tokenizer; a run while one holds it.

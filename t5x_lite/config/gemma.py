@@ -96,6 +96,11 @@ class GemmaConfig:
   def replace(self, **changes) -> "GemmaConfig":
     return dataclasses.replace(self, **changes)
 
+  def canonical(self) -> "GemmaConfig":
+    """The same model with its layer types written out (the pattern is one of two ways to say them), for
+    comparing what two configs compute."""
+    return self.replace(layer_types=tuple(SLIDING if s else FULL for s in self.sliding_layers), sliding_pattern=None)
+
 
 def _rope(hf: dict, model_type: str, source: str) -> tuple[float, float, float]:
   """(full theta, full linear factor, sliding theta) from rope_parameters or the legacy keys."""
@@ -187,6 +192,10 @@ def gemma_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = Non
 def gemma_config_to_hf(config: GemmaConfig) -> dict[str, Any]:
   """config.json for transformers. The text part of a multimodal `gemma3` exports as `gemma3_text`."""
   model_type = "gemma3_text" if config.model_type == "gemma3" else config.model_type
+  if (model_type, config.task) not in _EXPORT_ARCH:
+    raise ConversionError(f"transformers has no {model_type} model for task {config.task!r} (it has "
+                          f"{sorted(task for (t, task) in _EXPORT_ARCH if t == model_type)}): this model cannot be "
+                          "exported")
   hf = json.loads(config.hf_extra_json)
   hf.update({
       "architectures": [_EXPORT_ARCH[(model_type, config.task)]], "model_type": model_type,

@@ -76,6 +76,8 @@ class T5Config:
 
   def __post_init__(self):
     check_field_types(self)
+    if self.task != "lm":  # no LM head, so no separate one: the flag is moot, kept at its default (one model,
+      object.__setattr__(self, "tie_lm_head", True)  # one config; it is what a loaded checkpoint gets)
 
   @property
   def is_encoder_decoder(self) -> bool:
@@ -83,6 +85,10 @@ class T5Config:
 
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
+
+  def canonical(self) -> "T5Config":
+    """The config as compared for what it computes (a T5 config says it one way only)."""
+    return self
 
 
 def t5_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None, *, source: str = "config.json"

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from t5x_lite import sharding
-from t5x_lite.convert.families import FAMILIES, family_of_config
 from t5x_lite.convert.staging import move_into_place, temp_dir_beside
 from t5x_lite.errors import ConversionError
 from t5x_lite.models.params import abstract_params, axes_tree
+from t5x_lite.models.registry import FAMILIES, family_of_config
 
 FORMAT_KEY = "t5x_lite_format"
 
@@ -92,7 +92,7 @@ def load_checkpoint(path: str, *, mesh=None, param_dtype: str | None = None, com
 def params_restore_target(config, dtype: str, mesh=None):
   """ShapeDtypeStructs with shardings (by the logical-axis rules on `mesh`, else the first device) for
   restoring `config`'s params in `dtype`."""
-  specs = family_of_config(config).model.param_specs(config)
+  specs = family_of_config(config).param_specs(config)
   abstract = abstract_params(specs, jnp.dtype(dtype))
   if mesh is not None:
     shardings = sharding.tree_shardings(mesh, axes_tree(specs), abstract)

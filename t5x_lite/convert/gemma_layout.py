@@ -1,7 +1,7 @@
 """Where each Gemma 1/2/3 params leaf lives in a transformers checkpoint."""
 
 from t5x_lite.config.gemma import GemmaConfig
-from t5x_lite.convert.layout import Rule
+from t5x_lite.convert.layout import Layout, Rule
 
 
 def _prefix(config: GemmaConfig) -> str:
@@ -69,3 +69,7 @@ def aliases(name: str) -> tuple[str, ...]:
 def export_config(config: GemmaConfig) -> GemmaConfig:
   """The text part of a multimodal Gemma 3 is written back as a text-only `gemma3_text` checkpoint."""
   return config.replace(model_type="gemma3_text") if config.model_type == "gemma3" else config
+
+
+LAYOUT = Layout(rules=layout, ignored=ignored, ignored_prefixes=ignored_prefixes, aliases=aliases,
+                export_config=export_config)

@@ -5,6 +5,7 @@ memory-mapped file, rearranged into its slot of the stacked leaf, and each finis
 device (sharded when a mesh is given) before the next one is built.
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -15,11 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from t5x_lite import sharding
-from t5x_lite.convert.families import Family, family_of_config, family_of_model_type
+from t5x_lite.convert.families import layout_of
 from t5x_lite.convert.layout import hf_shape, to_hf, to_ours
 from t5x_lite.convert.safetensors_io import CheckpointReader, write_checkpoint
 from t5x_lite.errors import ConversionError
+from t5x_lite.models.family import Family
 from t5x_lite.models.params import is_spec
+from t5x_lite.models.registry import family_of_config, family_of_model_type
 
 
 def read_json(path: str) -> dict:
@@ -39,10 +42,10 @@ def _flat_specs(specs) -> dict[tuple[str, ...], object]:
 
 def _expected_tensors(family: Family, config) -> dict[str, tuple]:
   """HF name -> (rule, layer index or None, expected HF shape, our per-layer shape)."""
-  flat = _flat_specs(family.model.param_specs(config))
+  flat = _flat_specs(family.param_specs(config))
   out = {}
   covered = set()
-  for rule in family.layout(config):
+  for rule in layout_of(family).rules(config):
     spec = flat[rule.ours]
     covered.add(rule.ours)
     per_layer = spec.shape[1:] if rule.stacked else spec.shape
@@ -70,20 +73,21 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
   fails fast with the tensor named: `ConversionError` for missing, unexpected, mis-shaped and non-float tensors.
   """
   family = family_of_config(config)
+  layout = layout_of(family)
   reader = reader or CheckpointReader(model_dir)
   present = reader.names()
   expected = {}
   for name, entry in _expected_tensors(family, config).items():
     # The name the file uses: the canonical one or an alias.
-    expected[next((a for a in (name, *family.aliases(name)) if a in present), name)] = entry
+    expected[next((a for a in (name, *layout.aliases(name)) if a in present), name)] = entry
   missing = [n for n in expected if n not in present]
   if missing:
     _, _, shape, _ = expected[missing[0]]
     raise ConversionError(f"{model_dir}: tensor {missing[0]!r} is missing (expected shape {shape})"
                           + (f"; {len(missing) - 1} more missing" if len(missing) > 1 else ""))
-  skip_prefixes = family.ignored_prefixes(config)
-  copies = {name: source for name, source in family.copies(config).items() if name in present}
-  unexpected = sorted(n for n in present - set(expected) - set(family.ignored(config)) - set(copies)
+  skip_prefixes = layout.ignored_prefixes(config)
+  copies = {name: source for name, source in layout.copies(config).items() if name in present}
+  unexpected = sorted(n for n in present - set(expected) - set(layout.ignored(config)) - set(copies)
                       if not n.startswith(skip_prefixes))
   if unexpected:
     name = unexpected[0]
@@ -103,7 +107,7 @@ def load_hf_params(model_dir: str, config, *, mesh=None, progress: bool = True,
     _check_copy(reader, name, source)
 
   dtype = jnp.dtype(config.param_dtype)
-  flat_specs = _flat_specs(family.model.param_specs(config))
+  flat_specs = _flat_specs(family.param_specs(config))
   by_leaf: dict[tuple, list[str]] = {}
   for name, (rule, _, _, _) in expected.items():
     by_leaf.setdefault(rule.ours, []).append(name)
@@ -165,8 +169,8 @@ def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
 
 
 def _rules_and_leaves(params: dict, config):
-  family = family_of_config(config)
-  for rule in family.layout(family.export_config(config)):
+  layout = layout_of(family_of_config(config))
+  for rule in layout.rules(layout.export_config(config)):
     leaf = params
     for key in rule.ours:
       leaf = leaf[key]
@@ -203,12 +207,32 @@ def save_hf(params: dict, config, out_dir: str, *, dtype=None, max_shard_bytes: 
   """Writes `config.json` + `model.safetensors` (or shards + index) that transformers loads, streaming one
   tensor at a time."""
   family = family_of_config(config)
-  hf_config = family.config_to_hf(family.export_config(config))
+  exported = layout_of(family).export_config(config)
+  hf_config = family.config_to_hf(exported)
+  entries = hf_tensor_entries(params, config, dtype)
+  _check_represented(family, exported, hf_config, {name for name, _, _ in entries})
   if dtype is not None:
     hf_config["dtype"] = str(jnp.dtype(dtype))
   files = {"config.json": json.dumps(hf_config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}
-  write_checkpoint(hf_tensor_entries(params, config, dtype), hf_tensors(params, config, dtype), out_dir,
-                   max_shard_bytes=max_shard_bytes, extra_files=files)
+  write_checkpoint(entries, hf_tensors(params, config, dtype), out_dir, max_shard_bytes=max_shard_bytes,
+                   extra_files=files)
+
+
+# How the model computes, not what: not part of what an export must carry.
+_NOT_EXPORTED = ("dtype", "param_dtype", "remat", "hf_extra_json")
+
+
+def _check_represented(family: Family, config, hf_config: dict, tensor_names: set[str]) -> None:
+  """ConversionError when transformers would read `hf_config` (with these tensors) as another model than `config`:
+  e.g. a Gemma 2 config whose sliding layers have their own RoPE theta, which Gemma 2's config.json cannot say."""
+  back = family.config_from_hf(hf_config, tensor_names, source="the exported config.json").canonical()
+  ours = config.canonical()
+  lost = [f.name for f in dataclasses.fields(ours)
+          if f.name not in _NOT_EXPORTED and getattr(back, f.name) != getattr(ours, f.name)]
+  if lost:
+    changes = "; ".join(f"{name}: {getattr(ours, name)!r} would load as {getattr(back, name)!r}" for name in lost)
+    raise ConversionError(f"transformers' {hf_config.get('model_type')} config cannot hold this model ({changes}): "
+                          "it cannot be exported")
 
 
 # Files that travel with the weights so that the tokenizer (and generation defaults) load from either format.

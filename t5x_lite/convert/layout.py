@@ -7,6 +7,7 @@ inverse, so import and export cannot drift apart.
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -17,6 +18,26 @@ class Rule:
   hf: str  # transformers tensor name; `{i}` is the layer index for stacked leaves
   transform: str = "copy"  # copy | linear | heads_in | heads_out
   stacked: bool = False  # our leaf has a leading layer axis, one HF tensor per layer
+
+
+def _nothing(config) -> tuple:  # pylint: disable=unused-argument
+  return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A family's transformers checkpoint layout: its rules, and what else its files may hold.
+
+  rules(config) -> [Rule]; ignored(config) -> names to skip on import; ignored_prefixes(config) -> prefixes of
+  names to skip; copies(config) -> {name: layout name it must equal, if present}; aliases(name) -> other names
+  the same tensor may have; export_config(config) -> the config as written back to transformers.
+  """
+  rules: Callable
+  ignored: Callable = _nothing
+  ignored_prefixes: Callable = _nothing
+  copies: Callable = lambda config: {}
+  aliases: Callable = lambda name: ()
+  export_config: Callable = lambda config: config
 
 
 def hf_shape(transform: str, ours: tuple[int, ...]) -> tuple[int, ...]:

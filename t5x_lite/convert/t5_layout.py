@@ -1,7 +1,7 @@
 """Where each T5 / mT5 / umT5 params leaf lives in a transformers checkpoint."""
 
 from t5x_lite.config import T5Config
-from t5x_lite.convert.layout import Rule
+from t5x_lite.convert.layout import Layout, Rule
 
 # A cross-attention bias table transformers creates but never uses.
 IGNORED = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
@@ -84,3 +84,6 @@ def copies(config: T5Config) -> dict[str, str]:
 
 def _prefixed(rule: Rule, prefix: str) -> Rule:
   return Rule(rule.ours, prefix + rule.hf, rule.transform, rule.stacked)
+
+
+LAYOUT = Layout(rules=layout, ignored=ignored, copies=copies)

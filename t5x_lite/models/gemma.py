@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from t5x_lite import sharding
 from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.models.layers import dense, embed, scan_layers, split_rng
-from t5x_lite.models.params import ParamSpec
+from t5x_lite.models.params import ParamSpec, count_params
 from t5x_lite.nn import masks
 from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads
 from t5x_lite.nn.dropout import dropout
@@ -186,3 +186,16 @@ def forward(params: dict, config: GemmaConfig, input_ids_BT: jax.Array, attentio
   T = input_ids_BT.shape[1]
   last_BT = jnp.argmax(jnp.arange(T) * (input_ids_BT != config.pad_token_id), axis=-1)
   return jnp.take_along_axis(logits_BTL, last_BT[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def batch_logits(params: dict, config: GemmaConfig, batch: dict, rng: jax.Array | None) -> jax.Array:
+  """Logits (B, L, V) of a packed decoder-only training batch (positions restart in every segment)."""
+  return forward(params, config, batch["input_ids"], None, rng=rng, positions_BT=batch["positions"],
+                 segment_ids_BT=batch["segment_ids"])
+
+
+def forward_flops_per_token(config: GemmaConfig) -> dict[str, float]:
+  """2 x the weights a token passes through (the embedding counts as the tied head's; untied, the lookup is no
+  matmul and lm_head is)."""
+  specs = param_specs(config)
+  return {"segment_ids": 2.0 * (count_params(specs) - (0 if config.tie_lm_head else count_params(specs["embed"])))}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma
+from t5x_lite.models.family import Decoder
 from t5x_lite.models.layers import embed, heads_from_feature_major, out_in_matrix, unstack_layers
 from t5x_lite.nn.attention import cached_attention, dot_product_attention
 from t5x_lite.nn.mlp import ACTIVATIONS
@@ -209,3 +210,29 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   else:
     logits = _finish(params, config, x_DB.T[:, None])[:, 0]
   return logits, {"k": new_k, "v": new_v, "key_valid": key_valid, "next_position": cache["next_position"] + 1}
+
+
+def decoder(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attention_mask_BP: jax.Array, beams: int,
+            max_new: int) -> Decoder:
+  """Prefill of the (left-padded) prompt, then steps over R = B x beams rows; a tied head may give vocabulary-major
+  logits (see decoding/loop.py)."""
+  B, P = input_ids_BP.shape
+  R = B * beams
+  K = config.num_kv_heads
+  first_logits_BV, cache = prefill(params, config, input_ids_BP, attention_mask_BP, P + max_new)
+  layers = decode_layer_params(params, config)
+
+  def rows(cache, kv_fn, other_fn):
+    return {name: [kv_fn(x) for x in xs] if name in ("k", "v") else other_fn(xs) for name, xs in cache.items()}
+
+  if beams > 1:
+    cache = rows(cache, lambda x: kv_cache.repeat_rows(x, beams, B, K), lambda x: jnp.repeat(x, beams, axis=0))
+    first_logits_BV = jnp.repeat(first_logits_BV, beams, axis=0)
+
+  def step(tokens_R, cache, t, vocab_major=False):
+    return decode_step(params, config, layers, tokens_R, P + t - 1, cache, vocab_major=vocab_major)
+
+  def reorder(cache, rows_R):
+    return rows(cache, lambda x: kv_cache.take_rows(x, rows_R, R, K), lambda x: jnp.take(x, rows_R, axis=0))
+
+  return Decoder(step, cache, None, first_logits_BV, reorder, vocab_major=config.tie_lm_head)

@@ -76,3 +76,10 @@ def dense(x: jax.Array, params: dict) -> jax.Array:
   if "bias" in params:
     y = y + params["bias"].astype(x.dtype)
   return y
+
+
+def shift_right(ids_BT: jax.Array, start_id: int, pad_id: int) -> jax.Array:
+  """Decoder inputs for targets: [start] + ids[:-1], with -100 (ignored labels) replaced by pad, as transformers'
+  encoder-decoders `_shift_right`."""
+  shifted = jnp.concatenate([jnp.full_like(ids_BT[:, :1], start_id), ids_BT[:, :-1]], axis=1)
+  return jnp.where(shifted == -100, pad_id, shifted)

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from t5x_lite import sharding
 from t5x_lite.config import T5Config
 from t5x_lite.decoding import kv_cache
-from t5x_lite.models.layers import (dense, embed, heads_from_feature_major, out_in_matrix, scan_layers, split_rng,
-                                   unstack_layers)
-from t5x_lite.models.params import ParamSpec
+from t5x_lite.models.family import Decoder
+from t5x_lite.models.layers import (dense, embed, heads_from_feature_major, out_in_matrix, scan_layers, shift_right,
+                                   split_rng, unstack_layers)
+from t5x_lite.models.params import ParamSpec, count_params
 from t5x_lite.nn import masks
 from t5x_lite.nn.attention import cached_attention, dot_product_attention, merge_heads, project_heads
 from t5x_lite.nn.dropout import dropout
@@ -194,12 +195,6 @@ def lm_logits(params: dict, config: T5Config, hidden_BTD: jax.Array) -> jax.Arra
   return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
-def shift_right(ids_BT: jax.Array, start_id: int, pad_id: int) -> jax.Array:
-  """[start] + ids[:-1], with -100 (ignored labels) replaced by pad, as T5's `_shift_right`."""
-  shifted = jnp.concatenate([jnp.full_like(ids_BT[:, :1], start_id), ids_BT[:, :-1]], axis=1)
-  return jnp.where(shifted == -100, pad_id, shifted)
-
-
 def forward(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_mask_BS: jax.Array | None = None,
             decoder_input_ids_BT: jax.Array | None = None, decoder_attention_mask_BT: jax.Array | None = None,
             *, rng: jax.Array | None = None, encoder_segment_ids_BS: jax.Array | None = None,
@@ -235,6 +230,45 @@ def forward(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_m
   head = params["cls_head"]
   h = jnp.tanh(dense(dropout(pooled_BD, config.classifier_dropout, k1), head["dense"]))
   return dense(dropout(h, config.classifier_dropout, k2), head["out"]).astype(jnp.float32)
+
+
+def check_inputs(config: T5Config, input_ids_BS, decoder_input_ids_BT) -> None:
+  """Sequence classification reads the decoder state at each row's last EOS of the inputs: a row without one, or
+  decoder inputs of another length (the EOS position would fall outside them), is refused."""
+  if config.task != "seq_cls":
+    return
+  no_eos = (~(input_ids_BS == config.eos_token_id).any(axis=1)).nonzero()[0]
+  if no_eos.size:
+    raise ValueError(f"sequence classification reads the last EOS (id {config.eos_token_id}) of each row; row "
+                     f"{no_eos[0]} of input_ids has none")
+  if decoder_input_ids_BT is not None and decoder_input_ids_BT.shape[1] != input_ids_BS.shape[1]:
+    raise ValueError(f"sequence classification reads the decoder at the EOS positions of input_ids: "
+                     f"decoder_input_ids must have its length {input_ids_BS.shape[1]} (or be left out: the shifted "
+                     f"inputs then), got {decoder_input_ids_BT.shape[1]}")
+
+
+def batch_logits(params: dict, config: T5Config, batch: dict, rng: jax.Array | None) -> jax.Array:
+  """Decoder logits (B, T, V) of a packed encoder-decoder training batch.
+
+  Positions are left out on purpose: T5's bias depends only on k - q, packing restarts positions at 0 and counts
+  up within each contiguous segment (tests/test_data.py), and the segment mask hides every pair across segments,
+  so slot offsets give the same logits. The bias is then (1, N, S, S) for the whole batch instead of a
+  (B, N, S, S) tensor to build, read per layer and differentiate: 0.1-0.15 s of a 6 s t5-v1_1-small step.
+  """
+  return forward(params, config, batch["input_ids"], None, batch["decoder_input_ids"], None, rng=rng,
+                 encoder_segment_ids_BS=batch["encoder_segment_ids"],
+                 decoder_segment_ids_BT=batch["decoder_segment_ids"])
+
+
+def forward_flops_per_token(config: T5Config) -> dict[str, float]:
+  """2 x the weights an encoder token and a decoder token each pass through (the head's for decoder tokens; the
+  embedding lookup is no matmul unless the head is tied to it)."""
+  specs = param_specs(config)
+  n_embed = count_params(specs["embed"])
+  n_encoder = count_params(specs["encoder"])
+  n_decoder = count_params(specs) - n_encoder - n_embed + (n_embed if config.task == "lm" and config.tie_lm_head
+                                                           else 0)
+  return {"encoder_segment_ids": 2.0 * n_encoder, "decoder_segment_ids": 2.0 * n_decoder}
 
 
 # -------------------------------------------------------------------------------- incremental decoding
@@ -347,3 +381,25 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
     x_DB = x_DB + p["wo"] @ f
   x = rms_norm(x_DB.T[:, None], dec["final_norm"]["scale"], eps=eps)
   return lm_logits(params, config, x)[:, 0].astype(jnp.float32), {"k": new_k, "v": new_v}
+
+
+def decoder(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_mask_BS: jax.Array | None,
+            beams: int, max_new: int) -> Decoder:
+  """The encoder runs once; the decoder steps over R = B x beams rows from the start token, with the cross keys and
+  values computed once and a self-attention cache of `max_new` slots."""
+  B = input_ids_BS.shape[0]
+  R = B * beams
+  N = config.num_heads
+  encoded = encode(params, config, input_ids_BS, attention_mask_BS)
+  layers = decoder_layer_params(params, config)
+  cross = jax.tree.map(lambda x: kv_cache.repeat_rows(x, beams, B, N), cross_attention_kv(layers, config, encoded))
+  mask = None if attention_mask_BS is None else jnp.repeat(attention_mask_BS, beams, axis=0)
+
+  def step(tokens_R, cache, t):
+    return decoder_step(params, config, layers, tokens_R, t, cache, cross, mask)
+
+  def reorder(cache, rows_R):
+    return jax.tree.map(lambda x: kv_cache.take_rows(x, rows_R, R, N), cache)
+
+  first = jnp.full((R,), config.decoder_start_token_id, jnp.int32)
+  return Decoder(step, init_decoder_cache(config, R, max_new), first, None, reorder)

@@ -31,7 +31,7 @@ def config_from_base(config, base, source: str):
   """`base` (the checkpoint's config) with the CHANGEABLE fields `config` sets explicitly.
 
   ValueError when `config` is of another family or sets any other field to a value that makes a different model
-  (compared after the config's own normalisation, e.g. Gemma's sliding_pattern is moot beside layer_types).
+  (compared in the configs' canonical form, e.g. Gemma's layer types written out rather than as a pattern).
   """
   if type(config) is not type(base):
     raise ValueError(f"init_params_from={source} holds a {base.family} model ({type(base).__name__}) but the run "
@@ -39,7 +39,9 @@ def config_from_base(config, base, source: str):
   explicit = explicit_fields(config)
   chosen = base.replace(**{f: getattr(config, f) for f in CHANGEABLE if f in explicit and hasattr(base, f)})
   merged = chosen.replace(**{f: getattr(config, f) for f in explicit if f not in CHANGEABLE})
-  differ = [f.name for f in dataclasses.fields(base) if getattr(merged, f.name) != getattr(chosen, f.name)]
+  merged_model, chosen_model = merged.canonical(), chosen.canonical()
+  differ = [f.name for f in dataclasses.fields(base)
+            if getattr(merged_model, f.name) != getattr(chosen_model, f.name)]
   if differ:
     lines = "; ".join(f"{f}: {getattr(config, f)!r} configured, {getattr(base, f)!r} in the checkpoint"
                       for f in differ)

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from t5x_lite import sharding
 from t5x_lite.config.fields import check_arguments
 from t5x_lite.convert.checkpoint import config_from_json, config_to_json
-from t5x_lite.convert.families import family_of_config
 from t5x_lite.data.pipeline import DataConfig, make_batches
 from t5x_lite.models.params import axes_tree, init_params, is_spec
+from t5x_lite.models.registry import family_of_config
 from t5x_lite.training import optimizers, workdir as workdir_lib
 from t5x_lite.training.checkpoints import RunCheckpoints, latest_step
 from t5x_lite.training.init_from import config_from_base
@@ -158,7 +158,7 @@ def _train_locked(workdir: str, config, config_json: str, data: DataConfig, batc
                   progress: bool) -> dict:
   """`train` once the run is accepted and holds the workdir."""
   family = family_of_config(config)
-  specs = family.model.param_specs(config)
+  specs = family.param_specs(config)
   param_shardings = sharding.tree_shardings(mesh, axes_tree(specs), specs)
   train_step = jax.jit(make_train_step(config, opt, sched, label_smoothing=label_smoothing, z_loss=z_loss,
                                        accumulation_steps=accumulation_steps), donate_argnums=(0,))
@@ -208,7 +208,7 @@ def _train_locked(workdir: str, config, config_json: str, data: DataConfig, batc
       print(f"{workdir}: the latest checkpoint is at step {start} and train_steps is {train_steps}: nothing to "
             f"train (raise train_steps to go on)", file=sys.stderr)
     writer = MetricsWriter(workdir, resume_step=start)
-    loop = _Loop(config, specs, checkpoints, writer, log_every=log_every, save_every=save_every, start=start,
+    loop = _Loop(config, checkpoints, writer, log_every=log_every, save_every=save_every, start=start,
                  train_steps=train_steps, progress=progress)
     stop = None
     with _Preemption() as preemption, jax.set_mesh(mesh), loop:
@@ -237,11 +237,11 @@ class _Loop:
   """Per-step bookkeeping between device and host: sums the step metrics on device over each logging window (no
   host sync per step), checks finiteness only at log and save steps, and writes the window's means."""
 
-  def __init__(self, config, specs, checkpoints: RunCheckpoints, writer: MetricsWriter, *, log_every: int,
+  def __init__(self, config, checkpoints: RunCheckpoints, writer: MetricsWriter, *, log_every: int,
                save_every: int, start: int, train_steps: int, progress: bool):
     self._checkpoints, self._writer = checkpoints, writer
     self._log_every, self._save_every, self._train_steps = log_every, save_every, train_steps
-    self._flops_of_batch = batch_flops_fn(config, specs)
+    self._flops_of_batch = batch_flops_fn(config)
     self._peak = measure_matmul_peak()
     self._bar = tqdm(total=train_steps, initial=start, desc="train", unit="step",
                      disable=not progress or jax.process_index())
@@ -293,17 +293,11 @@ def data_checksum(local: dict) -> int:
   return int(np.sum(ids * (np.arange(ids.size) % 9973 + 1)) % (1 << 31))
 
 
-def batch_flops_fn(config, specs):
-  """flops(local batch): 6 x params x tokens for the stack each token passes (encoder tokens through the
-  encoder, decoder tokens through the decoder and head); attention scores are left out."""
-  from t5x_lite.models.params import count_params as count  # pylint: disable=import-outside-toplevel
-  if config.family == "t5":
-    n_enc = count(specs["encoder"])
-    n_dec = count(specs) - n_enc - count(specs["embed"]) + (count(specs["embed"]) if config.tie_lm_head else 0)
-    return lambda b: 6.0 * (n_enc * float(np.sum(np.asarray(b["encoder_segment_ids"]) > 0))
-                            + n_dec * float(np.sum(np.asarray(b["decoder_segment_ids"]) > 0)))
-  n = count(specs) - (0 if config.tie_lm_head else count(specs["embed"]))
-  return lambda b: 6.0 * n * float(np.sum(np.asarray(b["segment_ids"]) > 0))
+def batch_flops_fn(config):
+  """flops(local batch): 3 x the forward FLOPs of every real token (forward + backward), each counted in the stack
+  it passes (the family's forward_flops_per_token, keyed by the batch's segment-id features)."""
+  per_token = family_of_config(config).forward_flops_per_token(config)
+  return lambda b: 3.0 * sum(flops * float(np.sum(np.asarray(b[key]) > 0)) for key, flops in per_token.items())
 
 
 def batch_weights(batch: dict):

@@ -129,10 +129,12 @@ def generate_samples(workdir: str, prompts, max_new_tokens: int) -> list[dict]:
   model = load(workdir, progress=False)
   ids = [model.tokenizer.encode(p) for p in prompts]
   width = max(map(len, ids))
-  batch = np.zeros((len(ids), width), np.int32)
+  batch = np.full((len(ids), width), model.config.pad_token_id, np.int32)
   mask = np.zeros_like(batch)
   for i, row in enumerate(ids):
-    batch[i, :len(row)], mask[i, :len(row)] = row, 1
+    # An encoder reads padded rows from the left; a decoder-only prompt must end where generation begins.
+    cols = slice(0, len(row)) if model.config.is_encoder_decoder else slice(width - len(row), width)
+    batch[i, cols], mask[i, cols] = row, 1
   out = model.generate(batch, mask, max_new_tokens=max_new_tokens)
   samples = [{"prompt": p, "output": model.tokenizer.decode(row.tolist(), skip_special_tokens=False)
               .replace("<pad>", "").strip()} for p, row in zip(prompts, out)]

@@ -16,26 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from t5x_lite.models import gemma, t5
+from t5x_lite.models.registry import family_of_config
 from t5x_lite.training.losses import cross_entropy
 
 
-def logits_for_batch(params: dict, config, batch: dict, rng: jax.Array | None) -> jax.Array:
-  if config.family == "t5":
-    # Positions are left out on purpose: T5's bias depends only on k - q, packing restarts positions at 0 and
-    # counts up within each contiguous segment (tests/test_data.py), and the segment mask hides every pair across
-    # segments, so slot offsets give the same logits. The bias is then (1, N, S, S) for the whole batch instead of
-    # a (B, N, S, S) tensor to build, read per layer and differentiate: 0.1-0.15 s of a 6 s t5-v1_1-small step.
-    return t5.forward(params, config, batch["input_ids"], None, batch["decoder_input_ids"], None,
-                      rng=rng, encoder_segment_ids_BS=batch["encoder_segment_ids"],
-                      decoder_segment_ids_BT=batch["decoder_segment_ids"])
-  return gemma.forward(params, config, batch["input_ids"], None, rng=rng, positions_BT=batch["positions"],
-                       segment_ids_BT=batch["segment_ids"])
-
-
 def loss_sums(params: dict, config, batch: dict, rng, *, label_smoothing: float, z_loss: float) -> dict:
-  logits = logits_for_batch(params, config, batch, rng)
-  targets, weights = ((batch["decoder_target_ids"], batch["decoder_loss_weights"]) if config.family == "t5"
+  logits = family_of_config(config).batch_logits(params, config, batch, rng)
+  targets, weights = ((batch["decoder_target_ids"], batch["decoder_loss_weights"]) if config.is_encoder_decoder
                       else (batch["target_ids"], batch["loss_weights"]))
   return cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
 
