@@ -21,7 +21,7 @@ import transformers as tf
 from conftest import assert_close_to_hf
 
 import t5x_lite
-from t5x_lite.config import GemmaConfig, T5Config
+from t5x_lite.config import GemmaConfig, SiglipVisionConfig, T5Config, T5Gemma2Config
 from t5x_lite.data import packing
 from t5x_lite.model import Model
 from t5x_lite.models.params import count_params, init_params
@@ -35,12 +35,23 @@ _T5 = T5Config(vocab_size=128, d_model=32, num_heads=4, head_dim=8, d_ff=64, num
 _GEMMA = GemmaConfig(vocab_size=128, d_model=32, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=64, num_layers=3,
                      layer_types=("sliding_attention", "sliding_attention", "full_attention"), sliding_window=4,
                      query_pre_attn_scalar=24, final_logit_softcap=30.0)
+_STACK = dict(vocab_size=300, d_model=32, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=64, sliding_window=4,
+              query_pre_attn_scalar=24, rope_scaling=8.0)
+_T5GEMMA2 = T5Gemma2Config(
+    encoder=GemmaConfig(**_STACK, num_layers=3,
+                        layer_types=("sliding_attention", "full_attention", "sliding_attention")),
+    decoder=GemmaConfig(**_STACK, num_layers=2, layer_types=("sliding_attention", "full_attention"),
+                        final_logit_softcap=30.0),
+    vision=SiglipVisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, image_size=8,
+                              patch_size=4),
+    mm_tokens_per_image=4, boi_token_index=255, eoi_token_index=256, image_token_index=257)
 TINY = {
     "t5": {task: _T5.replace(task=task) for task in ("lm", "encoder", "seq_cls", "token_cls", "qa")},
     # transformers has Gemma 3 (text) models for lm and seq_cls; token classification as Gemma 2 has it.
     "gemma": {"lm": _GEMMA, "seq_cls": _GEMMA.replace(task="seq_cls"),
               "token_cls": _GEMMA.replace(task="token_cls", model_type="gemma2", qk_norm=False, attn_logit_softcap=50.0,
                                           rope_theta=10_000.0, rope_local_theta=10_000.0)},
+    "t5gemma2": {task: _T5GEMMA2.replace(task=task) for task in ("lm", "seq_cls", "token_cls")},
 }
 CASES = [(family, task) for family, tasks in TINY.items() for task in tasks]
 B, S, T = 2, 9, 5

@@ -59,6 +59,7 @@ class GemmaConfig:
   rope_scaling: float = 1.0  # linear factor, full-attention layers only
   rope_local_theta: float = 10_000.0  # sliding layers
   bidirectional: bool = False  # Gemma 3 use_bidirectional_attention (EmbeddingGemma style)
+  eoi_token_id: int | None = None  # T5Gemma 2's stacks: this id embeds as its own learned vector (embed/eoi)
   mlp_activation: str = "gelu_tanh"
   rms_norm_eps: float = 1e-6
   tie_lm_head: bool = True

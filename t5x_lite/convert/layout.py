@@ -16,7 +16,7 @@ import numpy as np
 class Rule:
   ours: tuple[str, ...]  # path in the params tree
   hf: str  # transformers tensor name; `{i}` is the layer index for stacked leaves
-  transform: str = "copy"  # copy | linear | heads_in | heads_out
+  transform: str = "copy"  # copy | linear | heads_in | heads_out | conv
   stacked: bool = False  # our leaf has a leading layer axis, one HF tensor per layer
 
 
@@ -50,6 +50,8 @@ def hf_shape(transform: str, ours: tuple[int, ...]) -> tuple[int, ...]:
     return (math.prod(ours[1:]), ours[0])
   if transform == "heads_out":  # (D, N*H) <-> kernel (N, H, D)
     return (ours[-1], math.prod(ours[:-1]))
+  if transform == "conv":  # torch Conv2d (out, in, kh, kw) <-> HWIO kernel (kh, kw, in, out)
+    return (ours[3], ours[2], ours[0], ours[1])
   raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -57,6 +59,8 @@ def to_ours(transform: str, hf: np.ndarray, ours_shape: tuple[int, ...]) -> np.n
   """HF tensor -> our leaf (a view where possible)."""
   if transform == "copy":
     return hf
+  if transform == "conv":
+    return hf.transpose(2, 3, 1, 0)
   return hf.T.reshape(ours_shape)
 
 
@@ -64,5 +68,7 @@ def to_hf(transform: str, ours: np.ndarray) -> np.ndarray:
   """Our leaf -> HF tensor (contiguous)."""
   if transform == "copy":
     return np.ascontiguousarray(ours)
+  if transform == "conv":
+    return np.ascontiguousarray(ours.transpose(3, 2, 0, 1))
   target = hf_shape(transform, ours.shape)
   return np.ascontiguousarray(ours.reshape(target[::-1]).T)

@@ -35,9 +35,10 @@ _ACT_BTD = ("act_batch", "act_length", "act_embed")
 _INIT_STD = 0.02  # transformers' initializer_range for Gemma
 
 
-def param_specs(config: GemmaConfig) -> dict:
-  D, N, K, H, F, V, L = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.d_ff,
-                         config.vocab_size, config.num_layers)
+def layer_specs(config: GemmaConfig) -> dict:
+  """The stacked layers' params (L on the leading axis), as a Gemma stack lays them out."""
+  D, N, K, H, F, L = (config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.d_ff,
+                      config.num_layers)
 
   def norm(*shape):
     return {"scale": ParamSpec((L, *shape), ("layers", "norm"), init="zeros")}
@@ -54,7 +55,20 @@ def param_specs(config: GemmaConfig) -> dict:
                     "wo": w((F, D), ("mlp", "embed"))}}
   if config.sandwich_norms:
     layers.update(post_attn_norm=norm(D), post_mlp_norm=norm(D))
-  specs = {"embed": {"embedding": ParamSpec((V, D), ("vocab", "embed"), scale=_INIT_STD)}, "layers": layers,
+  return layers
+
+
+def embed_specs(config: GemmaConfig) -> dict:
+  """The token embedding (V, D), and the end-of-image vector (D,) of a config with `eoi_token_id`."""
+  specs = {"embedding": ParamSpec((config.vocab_size, config.d_model), ("vocab", "embed"), scale=_INIT_STD)}
+  if config.eoi_token_id is not None:
+    specs["eoi"] = ParamSpec((config.d_model,), ("embed",), init="zeros")
+  return specs
+
+
+def param_specs(config: GemmaConfig) -> dict:
+  D, V = config.d_model, config.vocab_size
+  specs = {"embed": embed_specs(config), "layers": layer_specs(config),
            "final_norm": {"scale": ParamSpec((D,), ("norm",), init="zeros")}}
   if config.task == "lm" and not config.tie_lm_head:
     specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), scale=_INIT_STD)}
@@ -86,6 +100,16 @@ def _layer_masks(config: GemmaConfig, B: int, T: int, attention_mask_BT, segment
     window = None if w is None else masks.sliding_window_mask(slots, slots, left=w - 1, right=0)
   full = masks.combine(full, common)
   return full, (full if window is None else masks.combine(full, window))
+
+
+def embed_tokens(embed_params: dict, config: GemmaConfig, ids_BT: jax.Array) -> jax.Array:
+  """(B, T, D) embeddings in the compute dtype, scaled by sqrt(D) rounded to that dtype as transformers does
+  (bf16: 33.94 -> 34.0); with `eoi_token_id`, that token gets the unscaled `eoi` vector instead (T5Gemma 2)."""
+  dtype = jnp.dtype(config.dtype)
+  x = embed(embed_params["embedding"], ids_BT, dtype) * jnp.asarray(math.sqrt(config.d_model), dtype)
+  if config.eoi_token_id is not None:
+    x = jnp.where((ids_BT == config.eoi_token_id)[..., None], embed_params["eoi"].astype(dtype), x)
+  return x
 
 
 def layer_block(config: GemmaConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
@@ -122,21 +146,24 @@ def hidden_states(params: dict, config: GemmaConfig, input_ids_BT: jax.Array,
   `segment_ids_BT` and `positions_BT`.
   """
   B, T = input_ids_BT.shape
-  dtype = jnp.dtype(config.dtype)
   if positions_BT is None:
     positions_BT = masks.slot_index(B, T) if attention_mask_BT is None else positions_from_mask(attention_mask_BT)
   full_mask, window_mask = _layer_masks(config, B, T, attention_mask_BT, segment_ids_BT)
+  x = sharding.constrain(embed_tokens(params["embed"], config, input_ids_BT), _ACT_BTD)
+  x = run_stack(params["layers"], config, x, positions_BT, full_mask, window_mask)
+  return rms_norm(x, params["final_norm"]["scale"], eps=config.rms_norm_eps, zero_centered=True)
+
+
+def run_stack(layers: dict, config: GemmaConfig, x_BTD: jax.Array, positions_BT: jax.Array, full_mask, window_mask,
+              *, extra_keys=None, extra_mask=None) -> jax.Array:
+  """The stacked layers on embedded x (B, T, D), scanned; each layer's type picks its mask and RoPE table.
+
+  `extra_keys(layer_params) -> (k_BSKH, v_BSKH)` adds keys that join every layer's softmax after the layer's
+  own (T5Gemma 2's encoder states, `extra_mask` (B, 1, T, S) saying which each query may read).
+  """
   inv_freq_full = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
   inv_freq_local = rope_inverse_frequencies(config.head_dim, config.rope_local_theta)
   scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
-  eps = config.rms_norm_eps
-
-  def norm(x, p):
-    return rms_norm(x, p["scale"], eps=eps, zero_centered=True)
-
-  # transformers multiplies by sqrt(D) rounded to the activation dtype (bf16: 33.94 -> 34.0).
-  x = embed(params["embed"]["embedding"], input_ids_BT, dtype) * jnp.asarray(math.sqrt(config.d_model), dtype)
-  x = sharding.constrain(x, _ACT_BTD)
 
   def layer(x, p_and_type, _):
     p, sliding = p_and_type
@@ -144,13 +171,17 @@ def hidden_states(params: dict, config: GemmaConfig, input_ids_BT: jax.Array,
     inv_freq = jnp.where(sliding, inv_freq_local, inv_freq_full)
 
     def attend(q, k, v):
-      return dot_product_attention(q, k, v, mask=mask, scale=scale, softcap=config.attn_logit_softcap)
+      m = mask
+      if extra_keys is not None:
+        k_extra, v_extra = extra_keys(p)
+        k, v = jnp.concatenate([k, k_extra], axis=1), jnp.concatenate([v, v_extra], axis=1)
+        m = masks.join_keys(m, extra_mask)
+      return dot_product_attention(q, k, v, mask=m, scale=scale, softcap=config.attn_logit_softcap)
 
     return sharding.constrain(layer_block(config, p, x, positions_BT, inv_freq, attend), _ACT_BTD)
 
   sliding = jnp.asarray(config.sliding_layers)
-  x = scan_layers(layer, x, (params["layers"], sliding), num_layers=config.num_layers, remat=config.remat)
-  return norm(x, params["final_norm"])
+  return scan_layers(layer, x_BTD, (layers, sliding), num_layers=config.num_layers, remat=config.remat)
 
 
 def lm_logits(params: dict, config: GemmaConfig, hidden_BTD: jax.Array) -> jax.Array:

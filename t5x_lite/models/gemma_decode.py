@@ -10,8 +10,6 @@ nothing is sliced, transposed or cast inside the decoding loop. Cache, per row: 
 real tokens; `next_position` (B,) is the next RoPE position (the count of real tokens so far).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -19,7 +17,7 @@ from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma
 from t5x_lite.models.family import Decoder
-from t5x_lite.models.layers import embed, heads_from_feature_major, out_in_matrix, unstack_layers
+from t5x_lite.models.layers import heads_from_feature_major, out_in_matrix, unstack_layers
 from t5x_lite.nn.attention import cached_attention, dot_product_attention
 from t5x_lite.nn.mlp import ACTIVATIONS
 from t5x_lite.nn.norms import rms_norm
@@ -72,8 +70,7 @@ def _setup(config: GemmaConfig):
 
 
 def _embed(params, config, ids_BT):
-  dtype = jnp.dtype(config.dtype)
-  return embed(params["embed"]["embedding"], ids_BT, dtype) * jnp.asarray(math.sqrt(config.d_model), dtype)
+  return gemma.embed_tokens(params["embed"], config, ids_BT)
 
 
 def _finish(params, config, x_BD):
@@ -146,13 +143,26 @@ def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
   return layers
 
 
+def empty_cache(config: GemmaConfig, batch: int, max_length: int) -> dict:
+  """The cache of a stack that starts decoding from nothing (T5Gemma 2's decoder): no slot written yet, RoPE
+  positions from 0."""
+  dtype = jnp.dtype(config.dtype)
+  K, H = config.num_kv_heads, config.head_dim
+  lengths = [ring_size(config, max_length) if s else max_length for s in config.sliding_layers]
+  return {"k": [kv_cache.zeros(batch, K, n, H, dtype) for n in lengths],
+          "v": [kv_cache.zeros(batch, K, n, H, dtype) for n in lengths],
+          "key_valid": jnp.zeros((batch, max_length), bool), "next_position": jnp.zeros((batch,), jnp.int32)}
+
+
 def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
-                cache: dict, *, vocab_major: bool = False) -> tuple[jax.Array, dict]:
+                cache: dict, *, vocab_major: bool = False, cross: dict | None = None) -> tuple[jax.Array, dict]:
   """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
   `vocab_major` (tied heads only; see `decoding.loop.decode_tokens`), and the updated cache.
 
   `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
-  (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H).
+  (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H). `cross` ({"k", "v": one
+  stored (B, K, S, H) array per layer, "mask": (B, 1, 1, S) or None}) adds keys that join each layer's softmax
+  beside its own cache: T5Gemma 2's merged self- and cross-attention.
   """
   B = token_B.shape[0]
   N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
@@ -190,8 +200,10 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     index, mask = (ring_index, window_mask) if sliding else (slot, full_mask)
     new_k.append(kv_cache.write(cache["k"][i], k, index))
     new_v.append(kv_cache.write(cache["v"][i], v, index))
+    also = None if cross is None else (kv_cache.view(cross["k"][i], B, K), kv_cache.view(cross["v"][i], B, K),
+                                       cross["mask"])
     attn = cached_attention(q, kv_cache.view(new_k[i], B, K), kv_cache.view(new_v[i], B, K), mask=mask,
-                            scale=scale, softcap=config.attn_logit_softcap)
+                            scale=scale, softcap=config.attn_logit_softcap, also=also)
     h = p["o"] @ attn.reshape(B, N * H).T
     if config.sandwich_norms:
       h = norm(h, p["post_attn_norm"])

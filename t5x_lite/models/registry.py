@@ -6,7 +6,7 @@ a tiny config in tests/test_family_conformance.py, whose checks it must pass.
 
 from t5x_lite import config as config_lib
 from t5x_lite.errors import ConversionError
-from t5x_lite.models import gemma, gemma_decode, t5
+from t5x_lite.models import gemma, gemma_decode, t5, t5gemma2
 from t5x_lite.models.family import Family
 
 T5 = Family(
@@ -23,7 +23,14 @@ GEMMA = Family(
     param_specs=gemma.param_specs, forward=gemma.forward, decoder=gemma_decode.decoder,
     batch_logits=gemma.batch_logits, forward_flops_per_token=gemma.forward_flops_per_token)
 
-FAMILIES = {family.name: family for family in (T5, GEMMA)}
+T5GEMMA2 = Family(
+    name="t5gemma2", config_class=config_lib.T5Gemma2Config, model_types=config_lib.T5GEMMA2_MODEL_TYPES,
+    config_from_hf=config_lib.t5gemma2_config_from_hf, config_to_hf=config_lib.t5gemma2_config_to_hf,
+    layout_module="t5x_lite.convert.t5gemma2_layout", tokenizer="gemma",
+    param_specs=t5gemma2.param_specs, forward=t5gemma2.forward, encode=t5gemma2.encode, decoder=t5gemma2.decoder,
+    batch_logits=t5gemma2.batch_logits, forward_flops_per_token=t5gemma2.forward_flops_per_token)
+
+FAMILIES = {family.name: family for family in (T5, GEMMA, T5GEMMA2)}
 
 
 def family_of_config(config) -> Family:

@@ -45,3 +45,17 @@ def combine(*masks: jax.Array | None) -> jax.Array | None:
 def slot_index(batch: int, length: int, offset: int | jax.Array = 0) -> jax.Array:
   """(B, length) sequence slot indices starting at `offset`."""
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :] + offset, (batch, length))
+
+
+def join_keys(first: jax.Array | None, second: jax.Array | None, *, sizes: tuple[int, int] | None = None) -> jax.Array:
+  """Masks over two key sets read by one softmax (keys `first` then `second`), (..., T, S1) and (..., T, S2) ->
+  (..., T, S1 + S2). A None mask allows every key of its set; `sizes` (S1, S2) are then needed."""
+  if first is None or second is None:
+    if sizes is None:
+      raise ValueError("join_keys needs the key counts when a mask is None")
+    like = first if first is not None else second
+    full = jnp.ones(like.shape[:-1] + (sizes[0] if first is None else sizes[1],), bool)
+    first, second = (full, second) if first is None else (first, full)
+  lead = jnp.broadcast_shapes(first.shape[:-1], second.shape[:-1])
+  return jnp.concatenate([jnp.broadcast_to(first, lead + first.shape[-1:]),
+                          jnp.broadcast_to(second, lead + second.shape[-1:])], axis=-1)
