@@ -175,7 +175,16 @@ class _DocumentExamples:
       inputs, targets = doc
     inputs, targets = token_ids(self._tokenizer, inputs), token_ids(self._tokenizer, targets)
     if not c.decoder_only:
-      return _with_eos(inputs, c.inputs_length, self._eos), _with_eos(targets, c.targets_length, self._eos)
+      # The encoder reads its input as the model's tokenizer writes the text (T5: ... </s>; a Gemma-style
+      # tokenizer: <bos> ... when it adds BOS, no EOS), trimmed to inputs_length, so that inference on
+      # `tokenizer.encode(text)` reads what training read. The targets always end with EOS.
+      tok = self._tokenizer
+      bos = [tok.bos_id] if getattr(tok, "add_bos", False) else []
+      if getattr(tok, "add_eos", False):
+        encoder_input = bos + _with_eos(inputs, c.inputs_length - len(bos), self._eos)
+      else:
+        encoder_input = (bos + inputs)[:c.inputs_length]
+      return encoder_input, _with_eos(targets, c.targets_length, self._eos)
     # Decoder-only: the targets keep up to length - 1 tokens, the inputs take what is left.
     targets = _with_eos(targets, c.length - 1, self._eos)
     return _with_eos(inputs, c.length - len(targets), self._eos), targets

@@ -20,11 +20,16 @@ def explicit_fields(config) -> set[str]:
     bound = {name.rsplit(".", 1)[-1] for name in gin.get_bindings(type(config).__name__)}
   except (ValueError, KeyError):  # a config class gin does not know
     bound = set()
-  for field in dataclasses.fields(config):
-    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    if getattr(config, field.name) != default:
-      bound.add(field.name)
-  return bound
+  default = _default_instance(type(config))
+  return bound | {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def _default_instance(cls):
+  """`cls()` with its defaults only: gin's wrapper around __init__ would apply the bindings in force. Built through
+  __init__ (not read off the fields), so a config that normalises itself (T5Gemma 2's stacks) compares alike."""
+  instance = object.__new__(cls)
+  getattr(cls.__init__, "__wrapped__", cls.__init__)(instance)
+  return instance
 
 
 def config_from_base(config, base, source: str):

@@ -115,6 +115,9 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   if tokenizer_ids > config.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer_ids} ids but the model's vocab_size is {config.vocab_size}: "
                      "ids past it would index outside the embedding")
+  if config.is_encoder_decoder and data.start_id != config.decoder_start_token_id:
+    raise ValueError(f"DataConfig.start_id is {data.start_id} but the model's decoder starts from "
+                     f"{config.decoder_start_token_id}: bind DataConfig.start_id = {config.decoder_start_token_id}")
   config_json = config_to_json(config)
   fingerprint = workdir_lib.corpus_fingerprint(documents) if documents is not None else None
   if start is not None:
