@@ -68,11 +68,12 @@ def test_fine_tuning_learns_a_toy_mapping(base, tmp_path, env):
   before = _exact_match(base, held, tmp_path, env)
   workdir = tmp_path / "ft"
   r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
-                      "--gin_file=configs/runs/finetune_t5gemma2.gin", f"--workdir={workdir}", f"--gin.run.files=['{tmp_path / 'train.jsonl'}']",
-                      f"--gin.run.tokenizer_dir='{base}'", f"--gin.train.init_params_from='{base}'",
-                      "--gin.TRAIN_STEPS=1000", "--gin.SAVE_EVERY=1000", "--gin.cosine_schedule.peak_learning_rate=1e-2",
-                      "--gin.cosine_schedule.warmup_steps=20", "--gin.DataConfig.inputs_length=16",
-                      "--gin.DataConfig.targets_length=16", "--gin.train.log_every=100", "--gin.train.progress=False"],
+                      "--gin_file=configs/runs/finetune_t5gemma2.gin", f"--workdir={workdir}",
+                      f"--gin.run.files=['{tmp_path / 'train.jsonl'}']", f"--gin.run.tokenizer_dir='{base}'",
+                      f"--gin.train.init_params_from='{base}'", "--gin.TRAIN_STEPS=1000", "--gin.SAVE_EVERY=1000",
+                      "--gin.cosine_schedule.peak_learning_rate=1e-2", "--gin.cosine_schedule.warmup_steps=20",
+                      "--gin.DataConfig.inputs_length=16", "--gin.DataConfig.targets_length=16",
+                      "--gin.train.log_every=100", "--gin.train.progress=False"],
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   after = _exact_match(workdir, held, tmp_path, env)
@@ -88,8 +89,9 @@ def test_ul2_continued_pretraining(base, tmp_path, env):
                                                for _ in range(200)))
   workdir = tmp_path / "ul2"
   r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
-                      "--gin_file=configs/runs/pretrain_ul2_t5gemma2.gin", f"--workdir={workdir}", f"--gin.run.files=['{tmp_path / 'corpus.txt'}']",
-                      f"--gin.run.tokenizer_dir='{base}'", f"--gin.train.init_params_from='{base}'",
+                      "--gin_file=configs/runs/pretrain_ul2_t5gemma2.gin", f"--workdir={workdir}",
+                      f"--gin.run.files=['{tmp_path / 'corpus.txt'}']", f"--gin.run.tokenizer_dir='{base}'",
+                      f"--gin.train.init_params_from='{base}'",
                       "--gin.FIRST_SENTINEL=199", "--gin.NUM_SENTINELS=100", "--gin.MODE_IDS=((200,), (201,), (202,))",
                       "--gin.TRAIN_STEPS=4", "--gin.SAVE_EVERY=2", "--gin.BATCH_SIZE=4",
                       "--gin.T5Gemma2Config.dtype='float32'", "--gin.DataConfig.inputs_length=32",
