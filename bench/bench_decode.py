@@ -1,15 +1,21 @@
 """Greedy decoding throughput against transformers (PyTorch, CPU, static KV cache), side by side in one run.
 
-    .venv/bin/python bench/bench_decode.py [--quick] [--models t5,gemma] [--reps 3] [--gemma-vocab 262144]
+    .venv/bin/python bench/bench_decode.py [--quick] [--models t5,gemma,t5gemma2] [--reps 3] [--gemma-vocab 262144]
                                            [--threads N] [--profile] [--no-hf]
 
-Shapes: t5-v1_1-small (8+8 layers, d_model 512, 6 heads x 64, gated-GELU d_ff 1024, untied 32128 head) and the
+Shapes: t5-v1_1-small (8+8 layers, d_model 512, 6 heads x 64, gated-GELU d_ff 1024, untied 32128 head), the
 Gemma 3 270M text shape (18 layers, hidden 640, 4 query heads / 1 kv head x 256, d_ff 2048, tied head over
-`--gemma-vocab` tokens, 262144 as published). Both sides run the same random float32 weights: a transformers
-model is built from its config and written with `save_pretrained`; transformers (`from_pretrained`) and
-t5x_lite (`t5x_lite.load`) then both read that directory.
+`--gemma-vocab` tokens, 262144 as published) and the T5Gemma 2 270M-270M text stacks
+(configs/models/t5gemma2_270m_270m.gin: 18+18 Gemma 3 layers of that width, window 512, every 6th layer full with
+RoPE linear x8, one embedding shared by encoder, decoder and the tied head, also over `--gemma-vocab` tokens; each
+decoder layer's one softmax reads its own keys and the encoder's). Text decoding never runs T5Gemma 2's SigLIP
+tower, so the benchmark shrinks it (1 layer, hidden 16, image 16, patch 8, 4 tokens per image: 15 K parameters
+instead of 417 M) to save memory and build time; nothing timed touches it. Both sides run the same random float32
+weights: a transformers model is built from its config and written with `save_pretrained`; transformers
+(`from_pretrained`) and t5x_lite (`t5x_lite.load`) then both read that directory.
 
-Each case is batch 1, 8, 32 (`--quick`: 1 and 8) x 128 random prompt tokens x 64 greedy new tokens. Timed:
+Each case is batch 1, 8, 32 (`--quick`: 1 and 8) x 128 random prompt tokens (the encoder's input for t5 and
+t5gemma2, the prompt for gemma) x 64 greedy new tokens. Timed:
   e2e     the whole `generate` call (encoder / prefill included) -> tokens/s = batch * 64 / e2e;
   first   the same call stopped after the first new token (ours: the same compiled program with its traced
           `limit` at 1; transformers: max_new_tokens=1) -> time to first token;
@@ -19,17 +25,25 @@ both alike. Our compile time (jax's own trace + lower + compile durations, from 
 
 The peer runs at its best: `torch.set_flush_denormal(True)`, `torch.set_num_threads(N)` with N the number of
 cores XLA:CPU uses (one intra-op thread per schedulable core; `--threads` pins this process to fewer cores),
-`generate(do_sample=False, cache_implementation="static")`. transformers compiles nothing on CPU by itself
-(its auto-compile is for accelerators), so its decoding runs eagerly.
+`generate(do_sample=False, cache_implementation="static")`, `attention_mask` passed (encoder-decoders do not infer
+it). T5Gemma 2 takes the static cache too (checked on transformers 5.23): its `_prepare_cache_for_generation`
+builds an EncoderDecoderCache of two StaticCaches: the decoder's self-attention cache (ring buffers of the window
+in its sliding layers) and a cross-attention cache as wide as the encoder's output; the run prints the cache
+types it got. transformers compiles nothing on CPU by itself (its auto-compile is for accelerators), so its
+decoding runs eagerly. Its encoder-decoders return the start token (T5: 0, T5Gemma 2: bos 2) first; it is dropped
+before tokens are compared.
 
 EOS: the saved configs set eos_token_id to vocab-1; every timed output, ours and theirs, is checked to hold 64
 real tokens (a row that emits EOS would stop early and the run would not be comparable; the check reports it).
 
 Self-reporting: a 2048^3 float32 matmul peak under XLA and torch and memory bandwidth (XLA read, XLA copy,
 numpy copy) are measured in the same run; each decoding step is reported as MFU (useful FLOPs: 2 x weights
-touched per token + attention, / step time / peak) and MBU (bytes a step must read: weights + KV caches at their
-actual length, / step time / XLA read bandwidth). The roofline step is max(bytes / bandwidth, FLOPs / peak);
-with the encoder / prefill at the matmul peak it bounds the end-to-end ratio any implementation could reach.
+touched per token + attention, / step time / peak) and MBU (bytes a step must read: the weights it uses, the tied or
+untied V x D head included, and the KV caches at their actual length, i.e. self-attention keys so far (sliding
+layers: at most the window) plus, for t5 and t5gemma2, every decoder layer's cached encoder keys and values
+(B x 128 x kv heads x head_dim x 2), / step time / XLA read bandwidth) = the fraction of the read-bandwidth
+roofline reached. The roofline step is max(bytes / bandwidth, FLOPs / peak); with the encoder / prefill at the
+matmul peak it bounds the end-to-end ratio any implementation could reach.
 
 `--profile` then splits one decoding step at batch 8 by kernel kind, from XLA:CPU's own trace.
 """
@@ -54,23 +68,26 @@ reexec_with_malloc_tunables()  # as infer.py starts (t5x_lite/malloc_tunables.py
 
 PROMPT, NEW = 128, 64
 GB = 1e9
+KINDS = ("t5", "gemma", "t5gemma2")  # all run by default
+ENCODER_DECODER = ("t5", "t5gemma2")
 
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="batch 1 and 8 only, 2 timed runs")
-  p.add_argument("--models", default="t5,gemma", help="comma list of t5, gemma")
+  p.add_argument("--models", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
   p.add_argument("--batches", default=None, help="comma list overriding the batch sizes")
   p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 3; --quick 2)")
-  p.add_argument("--gemma-vocab", type=int, default=262144, help="Gemma vocabulary (262144 = the 270M shape)")
+  p.add_argument("--gemma-vocab", type=int, default=262144,
+                 help="vocabulary of gemma and t5gemma2 (262144 as published; smaller for quick runs)")
   p.add_argument("--threads", type=int, default=None, help="cores for both sides (default: all schedulable)")
   p.add_argument("--profile", action="store_true", help="split a batch-8 decoding step by XLA kernel kind")
   p.add_argument("--no-hf", action="store_true", help="ours only (no transformers runs)")
   args = p.parse_args()
   args.models = [m.strip() for m in args.models.split(",") if m.strip()]
   for m in args.models:
-    if m not in ("t5", "gemma"):
-      p.error(f"unknown model {m!r}: use t5 and/or gemma")
+    if m not in KINDS:
+      p.error(f"unknown model {m!r}: use some of {', '.join(KINDS)}")
   args.batches = ([int(b) for b in args.batches.split(",")] if args.batches else
                   [1, 8] if args.quick else [1, 8, 32])
   args.reps = args.reps or (2 if args.quick else 3)
@@ -156,7 +173,7 @@ def header() -> None:
   say(f"software: python {platform.python_version()}, jax {jax.__version__} ({jax.devices()[0].platform}), "
       f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
   say(f"run     : models {','.join(ARGS.models)}, batches {ARGS.batches}, prompt {PROMPT}, new {NEW}, "
-      f"{ARGS.reps} timed runs per case (median), gemma vocab {ARGS.gemma_vocab}")
+      f"{ARGS.reps} timed runs per case (median), gemma / t5gemma2 vocab {ARGS.gemma_vocab}")
   say(f"malloc  : GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}")
   say("=" * 100)
 
@@ -275,11 +292,37 @@ def build_gemma():
   return transformers.Gemma3ForCausalLM(cfg), {}
 
 
+def build_t5gemma2():
+  """The T5Gemma 2 270M-270M text stacks as configs/models/t5gemma2_270m_270m.gin gives them, with `--gemma-vocab`
+  tokens and eos vocab-1, exported by our converter's config writer (t5gemma2_config_to_hf). The SigLIP tower and
+  projector are shrunk (text decoding never runs them); the special image ids stay as published (out of range
+  under a smaller vocabulary, where no prompt holds them)."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from t5x_lite.config import T5Gemma2Config, t5gemma2_config_to_hf  # pylint: disable=import-outside-toplevel
+  from t5x_lite.config.siglip import SiglipVisionConfig  # pylint: disable=import-outside-toplevel
+  V = ARGS.gemma_vocab
+  gin.clear_config()
+  try:
+    gin.parse_config_file(os.path.join(REPO, "configs", "models", "t5gemma2_270m_270m.gin"))
+    c = T5Gemma2Config()
+  finally:
+    gin.clear_config()
+  c = c.replace(encoder=c.encoder.replace(vocab_size=V), decoder=c.decoder.replace(vocab_size=V), eos_token_id=V - 1,
+                vision=SiglipVisionConfig(hidden_size=16, intermediate_size=16, num_layers=1, num_heads=1,
+                                          image_size=16, patch_size=8),
+                mm_tokens_per_image=4)
+  cfg = transformers.T5Gemma2Config.from_dict(t5gemma2_config_to_hf(c))
+  torch.manual_seed(0)
+  return transformers.T5Gemma2ForConditionalGeneration(cfg), {}
+
+
 def count_costs(kind: str, c, B: int) -> dict:
   """Useful FLOPs and minimal bytes per decoding step (averaged over the 64 steps), and prefill FLOPs.
 
-  Only what a step must touch: weights used per token (T5's cross-attention K/V projections run once, in the
-  prefill), the embedding row, KV caches at their actual length (not the static cache's full width), f32.
+  Only what a step must touch: weights used per token (the projections of the encoder's keys and values, T5's
+  cross-attention and T5Gemma 2's shared k/v, run once, in the prefill), the embedding row, KV caches at their
+  actual length (not the static cache's full width; sliding layers at most the window) and the encoder's cached
+  keys and values (B x 128 x kv heads x head_dim x 2 per decoder layer), f32.
   """
   f4 = 4
   if kind == "t5":
@@ -294,7 +337,7 @@ def count_costs(kind: str, c, B: int) -> dict:
     enc_matmul = Le * (4 * D * N * H + ff)
     prefill = B * PROMPT * 2 * (enc_matmul + L * 2 * D * N * H) + B * Le * 4 * N * H * PROMPT ** 2
     steps = NEW
-  else:
+  elif kind == "gemma":
     D, N, K, H, F, V, L = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.d_ff, c.vocab_size, c.num_layers
     layer = D * N * H * 2 + 2 * D * K * H + 3 * D * F
     matmul = L * layer + D * V
@@ -306,6 +349,28 @@ def count_costs(kind: str, c, B: int) -> dict:
     cache_elems = statistics.mean(2 * K * H * ((L - slide) * k + slide * min(k, W)) for k in keys)
     prefill = B * PROMPT * 2 * (L * layer) + B * L * 4 * N * H * PROMPT ** 2 // 2 + B * 2 * D * V
     steps = NEW - 1
+  else:  # t5gemma2: a Gemma 3 decoder whose one softmax per layer also reads the encoder's keys and values
+    d, e = c.decoder, c.encoder
+    D, N, K, H, F, V, L = d.d_model, d.num_heads, d.num_kv_heads, d.head_dim, d.d_ff, d.vocab_size, d.num_layers
+    layer = D * N * H * 2 + 2 * D * K * H + 3 * D * F  # q, o; the new token's own k, v; the gated MLP
+    matmul = L * layer + D * V  # the tied head reads the whole V x D table every step
+    other = L * (4 * D + 2 * H) + D + D  # sandwich norms, q/k norms, final norm, embedding row
+    W = d.sliding_window or 10 ** 9
+    slide = sum(d.sliding_layers)
+    keys = [t + 1 for t in range(NEW)]  # self-attention keys at step t (the 64 steps start from the start token)
+    per_row = [(L - slide) * k + slide * min(k, W) + L * PROMPT for k in keys]  # self (ring) + encoder keys
+    attn_flops = statistics.mean(4 * N * H * n for n in per_row)
+    cache_elems = statistics.mean(2 * K * H * n for n in per_row)
+    # Prefill: the encoder (bidirectional; a sliding layer's query sees offsets [-((w+1)//2 - 1), w//2]) and every
+    # decoder layer's k/v projection of its output.
+    Le, Ne, He, Ke, Fe = e.num_layers, e.num_heads, e.head_dim, e.num_kv_heads, e.d_ff
+    we = e.sliding_window or 10 ** 9
+    slide_e = sum(e.sliding_layers)
+    window_pairs = sum(min(PROMPT - 1, i + we // 2) - max(0, i - ((we + 1) // 2 - 1)) + 1 for i in range(PROMPT))
+    enc_layer = D * Ne * He * 2 + 2 * D * Ke * He + 3 * D * Fe
+    prefill = (B * PROMPT * 2 * (Le * enc_layer + L * 2 * D * K * H)
+               + B * 4 * Ne * He * ((Le - slide_e) * PROMPT ** 2 + slide_e * window_pairs))
+    steps = NEW
   return {"flops": B * (2 * matmul + attn_flops), "weight_bytes": f4 * (matmul + other),
           "cache_bytes": f4 * B * cache_elems, "bytes": f4 * (matmul + other) + f4 * B * cache_elems,
           "prefill_flops": prefill, "steps": steps}
@@ -319,7 +384,7 @@ class Case:
   def __init__(self, kind: str, tmp_root: str):
     self.kind = kind
     t = time.perf_counter()
-    built, patch = (build_t5 if kind == "t5" else build_gemma)()
+    built, patch = {"t5": build_t5, "gemma": build_gemma, "t5gemma2": build_t5gemma2}[kind]()
     self.dir = os.path.join(tmp_root, kind)
     built.save_pretrained(self.dir)
     del built
@@ -329,8 +394,8 @@ class Case:
     with open(path, "w") as f:
       json.dump({**hf_config, **patch}, f, indent=2)
     # Both sides read the same files.
-    self.hf = transformers.AutoModelForCausalLM.from_pretrained(self.dir) if kind == "gemma" else \
-        transformers.T5ForConditionalGeneration.from_pretrained(self.dir)
+    self.hf = {"t5": transformers.T5ForConditionalGeneration, "gemma": transformers.AutoModelForCausalLM,
+               "t5gemma2": transformers.T5Gemma2ForConditionalGeneration}[kind].from_pretrained(self.dir)
     self.hf.eval()
     t_save = time.perf_counter() - t
     t, self.ours = timed(lambda: t5x_lite.load(self.dir, progress=False))
@@ -338,12 +403,41 @@ class Case:
     self.eos = c.eos_token_id
     n_params = sum(p.numel() for p in self.hf.parameters())
     tied = self.hf.get_output_embeddings().weight.data_ptr() == self.hf.get_input_embeddings().weight.data_ptr()
+    ours_tied = (c.decoder if kind == "t5gemma2" else c).tie_lm_head
     say(f"\n### {kind}: {type(self.hf).__name__}, {n_params / 1e6:.1f}M params, head {'tied' if tied else 'untied'} "
-        f"(ours: {'tied' if c.tie_lm_head else 'untied'}) "
+        f"(ours: {'tied' if ours_tied else 'untied'}) "
         f"({n_params * 4 / 1e6:.0f} MB f32), vocab {c.vocab_size}; built+saved {t_save:.1f} s, "
         f"t5x_lite.load {t:.1f} s; eos id {self.eos}")
+    if kind == "t5gemma2":
+      vision = sum(p.numel() for n, p in self.hf.named_parameters() if "vision_tower" in n or "multi_modal" in n)
+      say(f"  SigLIP tower + projector shrunk to {vision} params (never run by text decoding)")
     rng = np.random.default_rng(0)
     self.prompts = rng.integers(3, c.vocab_size - 1, (max(ARGS.batches), PROMPT)).astype(np.int32)
+    self.hf_cache = "static"
+    if not ARGS.no_hf:
+      self.probe_hf_cache()
+
+  def probe_hf_cache(self):
+    """transformers' static cache if this model takes one, else its default cache; print what it got."""
+    ids = torch.from_numpy(self.prompts[:1].astype(np.int64))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, eos_token_id=self.eos,
+              pad_token_id=0, return_dict_in_generate=True)
+    with torch.inference_mode():
+      try:
+        out = self.hf.generate(ids, cache_implementation="static", **kw)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        say(f"  NOTE transformers: cache_implementation='static' failed for {self.kind} ({type(e).__name__}: "
+            f"{str(e)[:200]}); it runs with its default cache")
+        self.hf_cache = None
+        out = self.hf.generate(ids, **kw)
+    cache = out.past_key_values
+
+    def describe(x):
+      return f"{type(x).__name__}({', '.join(sorted({type(layer).__name__ for layer in getattr(x, 'layers', [])}))})"
+
+    what = (f"{type(cache).__name__} of self {describe(cache.self_attention_cache)} + cross "
+            f"{describe(cache.cross_attention_cache)}" if hasattr(cache, "cross_attention_cache") else describe(cache))
+    say(f"  transformers cache (cache_implementation={self.hf_cache!r}): {what}")
 
   # ours ------------------------------------------------------------------------------------------------
   def ours_generate(self, B):
@@ -364,9 +458,10 @@ class Case:
     ids = torch.from_numpy(self.prompts[:B].astype(np.int64))
     with torch.inference_mode():
       out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                             cache_implementation="static", eos_token_id=self.eos, pad_token_id=0)
+                             cache_implementation=self.hf_cache, eos_token_id=self.eos, pad_token_id=0)
     out = out.numpy()
-    return out[:, 1:] if self.kind == "t5" else out[:, PROMPT:]  # drop T5's start token / the prompt
+    # drop an encoder-decoder's start token (T5: 0, T5Gemma 2: 2) / a decoder-only model's prompt
+    return out[:, 1:] if self.kind in ENCODER_DECODER else out[:, PROMPT:]
 
   def check(self, who, tokens, B):
     """Number of rows that stopped early (EOS before 64 tokens)."""
@@ -444,7 +539,8 @@ def report(kind: str, results: list[dict], peaks: dict) -> None:
       say(f"  batch {r['B']}: differing rows first differ at new-token positions {r['first_diff']} (greedy on "
           "random weights: near-tied logits, float summation order)")
 
-  say(f"\n{kind}: per-step efficiency and roofline (bytes a step must read: weights + KV caches at actual length)")
+  say(f"\n{kind}: per-step efficiency and roofline (bytes a step must read: weights + KV caches at actual length"
+      f"{', encoder K/V included' if kind in ENCODER_DECODER else ''}; MBU = fraction of the read-bandwidth roofline)")
   rows = []
   for r in results:
     c = r["costs"]
