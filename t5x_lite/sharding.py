@@ -95,3 +95,31 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_spec(axes, x.shape, dict(mesh.shape))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def follow_params(tree, params) -> object:
+  """Shardings for a tree of arrays kept per parameter (an optimizer state), from `params` (arrays or
+  ShapeDtypeStructs carrying shardings): a leaf whose path ends with a parameter's path takes that parameter's
+  sharding when it has its shape (Adam's moments), or that sharding without one dimension when it is the parameter
+  with that dimension reduced (Adafactor's factored row / column statistics); anything else (step counts) is
+  replicated. Left to sharding propagation, XLA replicated the whole optimizer state: every device held all of
+  it, and the train step, whose outputs came back sharded, compiled a second time at step 2.
+  """
+  by_path = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  any_param = next(iter(by_path.values()))
+  replicated = NamedSharding(any_param.sharding.mesh, PartitionSpec())
+
+  def one(path, leaf):
+    key = jax.tree_util.keystr(path)
+    owner = next((p for name, p in by_path.items() if key.endswith(name)), None)
+    if owner is None:
+      return replicated
+    spec = tuple(owner.sharding.spec) + (None,) * (len(owner.shape) - len(owner.sharding.spec))
+    if tuple(leaf.shape) == tuple(owner.shape):
+      return owner.sharding
+    for dim in range(len(owner.shape)):
+      if tuple(leaf.shape) == tuple(owner.shape[:dim]) + tuple(owner.shape[dim + 1:]):
+        return NamedSharding(owner.sharding.mesh, PartitionSpec(*(spec[:dim] + spec[dim + 1:])))
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -112,3 +112,23 @@ def test_gemma_sharded_equals_unsharded(gemma_checkpoint, spec):
   sharded = t5x_lite.load(gemma_checkpoint, mesh=mesh, progress=False)
   assert sharded.params["layers"]["attn"]["k"].sharding.spec[2] is None  # kv heads replicated
   assert_close_at_scale(sharded.logits(ids, mask), single.logits(ids, mask))
+
+
+def test_optimizer_state_follows_its_params():
+  """Adam's moments take their param's sharding, Adafactor's factored statistics it less the reduced dimension,
+  counts are replicated (XLA's propagation replicated the whole optimizer state)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  mesh = t5x_lite.make_mesh("data:2,fsdp:2,tensor:2")
+  shape = (256, 128, 64)  # Adafactor factors dimensions of 128 and more
+  params = {"w": jax.ShapeDtypeStruct(shape, np.float32,
+                                      sharding=sharding.named_sharding(mesh, ("embed", None, "mlp"), shape)),
+            "b": jax.ShapeDtypeStruct((4,), np.float32, sharding=sharding.named_sharding(mesh, ("mlp",), (4,)))}
+  adam = sharding.follow_params(jax.eval_shape(optax.adam(1e-3).init, params), params)
+  assert adam[0].mu["w"].spec == P("fsdp", None, "tensor") and adam[0].nu["b"].spec == P("tensor")
+  assert adam[0].count.spec == P()
+  factored = sharding.follow_params(jax.eval_shape(optax.adafactor(1e-3).init, params), params)
+  leaves = {jax.tree_util.keystr(k): v.spec for k, v in jax.tree_util.tree_leaves_with_path(factored)}
+  v_row = next(spec for key, spec in leaves.items() if "v_row['w']" in key)
+  v_col = next(spec for key, spec in leaves.items() if "v_col['w']" in key)
+  assert (v_row, v_col) == (P(None, "tensor"), P("fsdp", "tensor")), leaves  # (128, 64) and (256, 64)
+  assert leaves["[0].v['b']"] == P("tensor")  # too small to factor: the full second moment

@@ -20,7 +20,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from t5x_lite import sharding
@@ -163,21 +163,23 @@ def _train_locked(workdir: str, config, config_json: str, data: DataConfig, batc
   family = family_of_config(config)
   specs = family.param_specs(config)
   param_shardings = sharding.tree_shardings(mesh, axes_tree(specs), specs)
-  train_step = jax.jit(make_train_step(config, opt, sched, label_smoothing=label_smoothing, z_loss=z_loss,
-                                       accumulation_steps=accumulation_steps), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(config))
-
-  # One compiled program builds the whole state from params; its output shardings are the opt_state's
-  # placement (sharding propagation decides it, e.g. for Adafactor's factored moments). Resuming restores straight
-  # into that abstract state, so neither the initial params nor an `init_params_from` checkpoint is materialised
-  # next to the restored one (that doubled the start-up memory and loaded the base model on every restart).
+  # The whole state is placed explicitly: params by the logical-axis rules, the optimizer state following its
+  # params (sharding.follow_params), the step count replicated. One compiled program builds it from params, the
+  # train step keeps it where it is (one compile, no resharding), and resuming restores straight into it, so
+  # neither the initial params nor an `init_params_from` checkpoint is materialised next to the restored one.
   param_dtype = jnp.dtype(config.param_dtype)
   abstract_params = jax.tree.map(lambda spec, s: jax.ShapeDtypeStruct(spec.shape, param_dtype, sharding=s),
                                  specs, param_shardings, is_leaf=is_spec)
-  make_state = jax.jit(lambda p: {"step": jnp.int32(0), "params": p, "opt_state": opt.init(p)}).lower(
-      abstract_params).compile()
+  state_shardings = {"step": NamedSharding(mesh, PartitionSpec()), "params": param_shardings,
+                     "opt_state": sharding.follow_params(jax.eval_shape(opt.init, abstract_params), abstract_params)}
+  make_state = jax.jit(lambda p: {"step": jnp.int32(0), "params": p, "opt_state": opt.init(p)},
+                       out_shardings=state_shardings).lower(abstract_params).compile()
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 make_state.out_info, make_state.output_shardings)
+  train_step = jax.jit(make_train_step(config, opt, sched, label_smoothing=label_smoothing, z_loss=z_loss,
+                                       accumulation_steps=accumulation_steps),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(config))
 
   def fresh_state():
     if init_params_from:
