@@ -87,6 +87,16 @@ def _describe(hint) -> str:
   return {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
+def labels_and_extras(hf: dict, owned: set[str]) -> tuple[int, dict]:
+  """(num_labels, the keys of a transformers config dict not in `owned`, its label maps included): what a config
+  keeps in hf_extra_json to write back on export."""
+  num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
+  extra = {k: v for k, v in hf.items() if k not in owned}
+  if "id2label" in hf:
+    extra["id2label"], extra["label2id"] = hf["id2label"], hf.get("label2id")
+  return num_labels, extra
+
+
 def build_config(cls, source: str, **fields):
   """`cls(**fields)` for a config read from `source` (a config.json path): a bad value raises ConversionError
   naming the file."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import gin
 
-from t5x_lite.config.fields import build_config, check_field_types
+from t5x_lite.config.fields import build_config, check_field_types, labels_and_extras
 from t5x_lite.errors import ConversionError
 
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
@@ -162,10 +162,7 @@ def gemma_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = Non
   theta, factor, local_theta = _rope(hf, model_type if not gen3 else "gemma3_text", source)
   head_dim = hf.get("head_dim", 256)
   names = tensor_names or set()
-  num_labels = len(outer["id2label"]) if "id2label" in outer else outer.get("num_labels", 2)
-  extra = {k: v for k, v in outer.items() if k not in _OWNED_KEYS and k != "text_config"}
-  if "id2label" in outer:
-    extra["id2label"], extra["label2id"] = outer["id2label"], outer.get("label2id")
+  num_labels, extra = labels_and_extras(outer, _OWNED_KEYS | {"text_config"})
   return build_config(
       GemmaConfig, source,
       vocab_size=hf.get("vocab_size", 256000), d_model=hf.get("hidden_size", 3072),

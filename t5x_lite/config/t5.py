@@ -6,7 +6,7 @@ from typing import Any
 
 import gin
 
-from t5x_lite.config.fields import build_config, check_field_types
+from t5x_lite.config.fields import build_config, check_field_types, labels_and_extras
 from t5x_lite.errors import ConversionError
 
 T5_MODEL_TYPES = ("t5", "mt5", "umt5")
@@ -117,10 +117,7 @@ def t5_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = None, 
     # transformers forces tie_word_embeddings=True for mT5 and umT5; mT5 never rescales, umT5 always does.
     scale = model_type == "umt5"
   num_layers = hf.get("num_layers", 6)
-  num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
-  extra = {k: v for k, v in hf.items() if k not in _T5_OWNED_KEYS}
-  if "id2label" in hf:
-    extra["id2label"], extra["label2id"] = hf["id2label"], hf.get("label2id")
+  num_labels, extra = labels_and_extras(hf, _T5_OWNED_KEYS)
   return build_config(
       T5Config, source,
       vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512), num_heads=hf.get("num_heads", 8),

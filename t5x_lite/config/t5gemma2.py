@@ -11,7 +11,7 @@ from typing import Any
 
 import gin
 
-from t5x_lite.config.fields import build_config, check_field_types
+from t5x_lite.config.fields import build_config, check_field_types, labels_and_extras
 from t5x_lite.config.gemma import GemmaConfig, gemma_config_from_hf, gemma_config_to_hf
 from t5x_lite.config.siglip import SiglipVisionConfig, siglip_config_from_hf, siglip_config_to_hf
 from t5x_lite.errors import ConversionError
@@ -135,10 +135,7 @@ def t5gemma2_config_from_hf(hf: dict[str, Any], tensor_names: set[str] | None = 
                           f"{decoder.get('vocab_size')}/{decoder.get('hidden_size')})")
   vision = siglip_config_from_hf(dict(encoder.get("vision_config") or {}), source=f"{source} (encoder.vision_config)")
   bos = hf.get("bos_token_id", decoder.get("bos_token_id", 2))
-  num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
-  extra = {k: v for k, v in hf.items() if k not in _OWNED}
-  if "id2label" in hf:
-    extra["id2label"], extra["label2id"] = hf["id2label"], hf.get("label2id")
+  num_labels, extra = labels_and_extras(hf, _OWNED)
   return build_config(
       T5Gemma2Config, source,
       encoder=_stack_from_hf(text, f"{source} (encoder.text_config)"),
