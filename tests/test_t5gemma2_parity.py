@@ -1,7 +1,7 @@
 """T5Gemma 2 (text) against transformers' own, on tiny random models built here: logits of every head with encoder
 and decoder padding, the end-of-image token, sliding windows shorter than the sequence, GQA and unequal encoder /
 decoder depth; greedy and beam search token for token; scores; HF -> ours -> HF bit-identical; an encoder input
-of 5000 tokens; sharded == unsharded on four meshes."""
+of 5000 tokens and a decoder of 5000 positions (4200 greedy steps); sharded == unsharded on four meshes."""
 
 import json
 
@@ -135,6 +135,23 @@ def test_encoder_input_of_5000_tokens(lm_dir):
     greedy = hf.generate(input_ids=_t(ids), attention_mask=_t(mask), max_new_tokens=6, do_sample=False).numpy()
   assert_close_to_hf(model.logits(ids, mask, dec), ref)
   np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=6), greedy[:, 1:])
+
+
+def test_decoder_of_5000_positions(lm_dir):
+  """The decoder side beyond 4096: 5000 decoder inputs give transformers' logits, and 4200 greedy steps through
+  the static self-attention cache (ring buffers in the sliding layers) give its tokens."""
+  path, hf = lm_dir
+  rng = np.random.default_rng(6)
+  ids = rng.integers(3, 250, (1, 12))
+  mask = np.ones_like(ids)
+  dec = rng.integers(3, 250, (1, 5000))
+  model = t5x_lite.load(path, progress=False)
+  with torch.no_grad():
+    ref = hf(input_ids=_t(ids), attention_mask=_t(mask), decoder_input_ids=_t(dec)).logits.numpy()
+    greedy = hf.generate(input_ids=_t(ids), attention_mask=_t(mask), max_new_tokens=4200, do_sample=False).numpy()
+  assert_close_to_hf(model.logits(ids, mask, dec), ref)
+  assert greedy.shape == (1, 4201)
+  np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=4200), greedy[:, 1:])
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
