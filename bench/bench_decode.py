@@ -450,7 +450,7 @@ class Case:
     ids, mask, _ = m._bucketed_prompt(self.prompts[:B], np.ones((B, PROMPT), np.int32))
     fn = generation.generate_fn(m.config, max_new=buckets.bucket(NEW), method="greedy", temperature=1.0, top_k=0,
                                 top_p=1.0, num_beams=4, length_penalty=1.0, brevity="hf")
-    out = fn(m.params, ids, mask, np.int32(1), jax.random.key(0), np.zeros(ids.shape[0], bool))
+    out = fn(m.params, ids, mask, np.int32(1), jax.random.key(0), np.zeros(ids.shape[0], bool), {})
     return np.asarray(out)
 
   # transformers ----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Wires each family's decoder (its registry hooks) to the model-agnostic decoding core.
 
-`generate_fn(config, ...)` returns a jitted `generate_tokens`: (params, ids, mask, limit, rng, done) ->
-(B, max_new) tokens; `score_fn(config)` a jitted `score_targets`: (params, ids, mask, targets) -> (B,)
-log-probabilities. Shape letters: t5x_lite/shapes.py.
+`generate_fn(config, ...)` returns a jitted `generate_tokens`: (params, ids, mask, limit, rng, done, extra) ->
+(B, max_new) tokens; `score_fn(config)` a jitted `score_targets`: (params, ids, mask, targets, extra) -> (B,)
+log-probabilities. `extra` holds the keyword inputs a family's encoder takes beside the ids (a vision family's
+`pixel_values_BI3HW`), {} for text. Shape letters: t5x_lite/shapes.py.
 """
 
 import functools
@@ -18,16 +19,16 @@ from t5x_lite.models.registry import family_of_config
 @functools.lru_cache(maxsize=64)
 def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k: int, top_p: float,
                 num_beams: int, length_penalty: float, brevity: str):
-  """A jitted (params, ids, mask, limit, rng, done) -> (B, max_new) int32 for this config and method.
+  """A jitted (params, ids, mask, limit, rng, done, extra) -> (B, max_new) int32 for this config and method.
 
   `limit` (traced) stops the loop after that many tokens, so `max_new` can be a bucket.
   """
   eos, pad = config.eos_token_id, config.pad_token_id
   family = family_of_config(config)
 
-  def generate_tokens(params, ids, mask, limit, rng, done):
+  def generate_tokens(params, ids, mask, limit, rng, done, extra):
     beams = num_beams if method == "beam" else 1
-    decoder = family.decoder(params, config, ids, mask, beams, max_new)
+    decoder = family.decoder(params, config, ids, mask, beams, max_new, **extra)
     if method == "beam":
       from t5x_lite.decoding.beam_search import beam_search  # pylint: disable=import-outside-toplevel
       first = decoder.first_tokens_R
@@ -51,7 +52,7 @@ def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k:
 
 @functools.lru_cache(maxsize=16)
 def score_fn(config):
-  """A jitted (params, ids, mask, targets) -> (B,) float32 sum of target log-probabilities (pad targets skipped).
+  """A jitted (params, ids, mask, targets, extra) -> (B,) float32 sum of target log-probabilities (pad targets skipped).
 
   Encoder-decoder: the decoder reads the start token then targets[:, :-1]. Decoder-only: the targets continue
   the left-padded prompt.
@@ -59,15 +60,15 @@ def score_fn(config):
   pad = config.pad_token_id
   forward = family_of_config(config).forward
 
-  def score_targets(params, ids, mask, targets):
+  def score_targets(params, ids, mask, targets, extra):
     target_mask = (targets != pad).astype(jnp.int32)
     if config.is_encoder_decoder:
       decoder_in = shift_right(targets, config.decoder_start_token_id, pad)
-      logits = forward(params, config, ids, mask, decoder_in, None)
+      logits = forward(params, config, ids, mask, decoder_in, None, **extra)
     else:
       P = ids.shape[1]
       full_mask = jnp.concatenate([jnp.ones_like(ids) if mask is None else mask, target_mask], axis=1)
-      logits = forward(params, config, jnp.concatenate([ids, targets], axis=1), full_mask)[:, P - 1:-1]
+      logits = forward(params, config, jnp.concatenate([ids, targets], axis=1), full_mask, **extra)[:, P - 1:-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(token_logp * target_mask, axis=1)

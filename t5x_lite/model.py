@@ -85,9 +85,10 @@ class Model:
     self.tokenizer = tokenizer
     self.mesh = mesh
     self._family = family = family_of_config(config)
-    self._forward = jax.jit(lambda params, *args: family.forward(params, config, *args))
-    self._encode = None if family.encode is None else jax.jit(lambda params, *args: family.encode(params, config,
-                                                                                                  *args))
+    # `extra`: the keyword inputs beside the ids ({} for text; {"pixel_values_BI3HW": ...} with images).
+    self._forward = jax.jit(lambda params, args, extra: family.forward(params, config, *args, **extra))
+    self._encode = None if family.encode is None else jax.jit(
+        lambda params, ids, mask, extra: family.encode(params, config, ids, mask, **extra))
 
   # -------------------------------------------------------------------------------------------- inputs
 
@@ -116,6 +117,18 @@ class Model:
     axes = ("act_batch",) + (None,) * (arr.ndim - 1)
     return jax.device_put(arr, sharding.named_sharding(self.mesh, axes, arr.shape))
 
+  def _images(self, pixel_values, ids: np.ndarray, rows: int | None = None) -> dict:
+    """{} without images; else the family's per-row layout of `pixel_values` (checked against the image tokens of
+    `ids`), padded with empty rows to `rows` (a bucketed batch), as the `extra` inputs of the jitted calls."""
+    if pixel_values is None:
+      return {}
+    if self._family.image_rows is None:
+      raise ValueError(f"pixel_values given, but {self.config.family} has no vision encoder")
+    per_row = self._family.image_rows(self.config, ids, pixel_values)
+    if rows is not None and rows > len(per_row):
+      per_row = np.concatenate([per_row, np.zeros((rows - len(per_row), *per_row.shape[1:]), per_row.dtype)])
+    return {"pixel_values_BI3HW": self._place(per_row)}
+
   def _mesh_context(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
@@ -125,9 +138,9 @@ class Model:
              pixel_values=None) -> np.ndarray:
     """float32 logits: (B, T, V) for language models (at each decoder position for encoder-decoders);
     (B, labels) for sequence classification; (B, S, labels) for token classification and QA."""
-    self._no_pixels(pixel_values)
     ids = self._ids(input_ids, "input_ids")
     mask = self._mask(attention_mask, ids, "attention_mask")
+    extra = self._images(pixel_values, ids)
     task = self.config.task
     if task == "encoder":
       raise ValueError("this is an encoder-only model: it has no logits; call model.encode(...)")
@@ -145,18 +158,18 @@ class Model:
     self._family.check_inputs(self.config, ids, dec)
     args = (ids, mask, dec, dec_mask) if self.config.is_encoder_decoder else (ids, mask)
     with self._mesh_context():
-      out = self._forward(self.params, *map(self._place, args))
+      out = self._forward(self.params, tuple(map(self._place, args)), extra)
     return np.asarray(out, dtype=np.float32)
 
   def encode(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
     """Final encoder hidden states, float32 (B, S, D)."""
-    self._no_pixels(pixel_values)
     if self._encode is None:
       raise ValueError(f"{self.config.family} is decoder-only: it has no encoder")
     ids = self._ids(input_ids, "input_ids")
     mask = self._mask(attention_mask, ids, "attention_mask")
+    extra = self._images(pixel_values, ids)
     with self._mesh_context():
-      out = self._encode(self.params, self._place(ids), self._place(mask))
+      out = self._encode(self.params, self._place(ids), self._place(mask), extra)
     return np.asarray(out, dtype=np.float32)
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens, method="greedy",
@@ -168,12 +181,12 @@ class Model:
     compiled programs; the loop still stops after `max_new_tokens` or when every row has emitted EOS.
     `brevity="t5x"` uses T5X's ((5 + len) / 6) ** length_penalty in beam search instead of HF's len ** penalty.
     """
-    self._no_pixels(pixel_values)
     self._check_generation_args(max_new_tokens, method, temperature, top_k, top_p, num_beams, length_penalty,
                                 brevity, seed)
     if self.config.task != "lm":
       raise ValueError(f"generate needs a language-model head; this model's task is {self.config.task!r}")
     ids, mask, B = self._bucketed_prompt(input_ids, attention_mask)
+    extra = self._images(pixel_values, ids[:B], rows=ids.shape[0])
     new_bucket = buckets.bucket(max_new_tokens)
     fn = generation.generate_fn(self.config, max_new=new_bucket, method=method, temperature=float(temperature),
                                 top_k=int(top_k), top_p=float(top_p), num_beams=int(num_beams),
@@ -181,10 +194,10 @@ class Model:
     done = np.arange(ids.shape[0]) >= B  # batch-padding rows
     with self._mesh_context():
       out = fn(self.params, self._place(ids), self._place(mask), np.int32(max_new_tokens), jax.random.key(seed),
-               self._place(done))
+               self._place(done), extra)
     return np.asarray(out)[:B, :max_new_tokens].astype(np.int32)
 
-  def score(self, input_ids, target_ids, attention_mask=None) -> np.ndarray:
+  def score(self, input_ids, target_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
     """(B,) float32 sum of log p(target token) (T5X "score" mode); pad-id targets are skipped.
 
     Encoder-decoder: the decoder reads the start token then target_ids[:, :-1]. Decoder-only: target_ids
@@ -193,13 +206,15 @@ class Model:
     if self.config.task != "lm":
       raise ValueError(f"score needs a language-model head; this model's task is {self.config.task!r}")
     ids, mask, B = self._bucketed_prompt(input_ids, attention_mask)
+    extra = self._images(pixel_values, ids[:B], rows=ids.shape[0])
     targets = self._ids(target_ids, "target_ids")
     if targets.shape[0] != B:
       raise ValueError(f"target_ids has {targets.shape[0]} rows but input_ids has {B}")
     padded = np.full((ids.shape[0], buckets.bucket(targets.shape[1])), self.config.pad_token_id, np.int32)
     padded[:B, :targets.shape[1]] = targets
     with self._mesh_context():
-      out = generation.score_fn(self.config)(self.params, self._place(ids), self._place(mask), self._place(padded))
+      out = generation.score_fn(self.config)(self.params, self._place(ids), self._place(mask), self._place(padded),
+                                             extra)
     return np.asarray(out, np.float32)[:B]
 
   def _bucketed_prompt(self, input_ids, attention_mask):
@@ -249,10 +264,6 @@ class Model:
   def save(self, out_dir: str) -> None:
     """Writes our own checkpoint format (orbax params + config.json, tokenizer files beside them)."""
     checkpoint.save_checkpoint(self.params, self.config, out_dir, extra_files=hf.tokenizer_files(self.source_dir))
-
-  def _no_pixels(self, pixel_values):
-    if pixel_values is not None:
-      raise ValueError(f"pixel_values given, but {self.config.family} has no vision encoder")
 
   def __repr__(self):
     n = sum(x.size for x in jax.tree.leaves(self.params))

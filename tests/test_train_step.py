@@ -88,6 +88,28 @@ def test_accumulation_equals_one_big_batch(tmp_path, opt_name):
     np.testing.assert_allclose(np.asarray(a)[keep], np.asarray(b)[keep], rtol=2e-4, atol=1e-5)
 
 
+def test_frozen_params_keep_their_values_and_hold_no_optimizer_state(tmp_path):
+  """train.frozen: the frozen subtree (here the encoder stack) is bit-identical after a step, the rest moves, the
+  optimizer keeps no moments for it, and a path that names nothing is refused by name."""
+  build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY), tmp_path)
+  model = t5x_lite.load(str(tmp_path), progress=False)
+  opt, sched = optimizers.make_optimizer("adamw", "rsqrt")
+  labels = optimizers.frozen_labels(model.params, ("encoder",))
+  frozen_opt = optimizers.with_frozen(opt, labels)
+  batch = jax.tree.map(jnp.asarray, _t5_batch(np.random.default_rng(3)))
+  step = jax.jit(make_train_step(model.config, frozen_opt, sched, frozen_labels=labels))
+  state, _ = step(_init(model.config, model.params, frozen_opt), batch, None)
+  for name in model.params:
+    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), model.params[name],
+                                        state["params"][name]))
+    assert all(same) if name == "encoder" else not any(same), name
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  n_encoder = size(model.params["encoder"])
+  assert size(opt.init(model.params)) - size(frozen_opt.init(model.params)) == 2 * n_encoder  # Adam's two moments
+  with pytest.raises(ValueError, match=r"train.frozen names 'vision', which holds no parameter.*'decoder'"):
+    optimizers.frozen_labels(model.params, ("vision",))
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
 def test_sharded_step_equals_single_device(tmp_path):
   build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY, feed_forward_proj="gated-gelu"), tmp_path)

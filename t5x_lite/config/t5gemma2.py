@@ -7,6 +7,7 @@ the two share (the vocabulary, the width, the special ids, dtypes) lives here an
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import gin
@@ -39,8 +40,8 @@ def _stack(**fields) -> GemmaConfig:
 @dataclasses.dataclass(frozen=True)
 class T5Gemma2Config:
   """T5Gemma 2: `encoder` and `decoder` stacks (GemmaConfig, Gemma 3 layers), tied embeddings (encoder, decoder and
-  head), an end-of-image token with its own vector, and a SigLIP `vision` tower (its weights are carried; images
-  are not read yet). Defaults are transformers'. `task`: "lm" | "seq_cls" | "token_cls"."""
+  head), an end-of-image token with its own vector, and a SigLIP `vision` tower whose pooled, projected output
+  stands at the image tokens of the encoder's input. Defaults are transformers'. `task`: "lm" | "seq_cls" | "token_cls"."""
   encoder: GemmaConfig = _stack()
   decoder: GemmaConfig = _stack()
   vision: SiglipVisionConfig = SiglipVisionConfig()
@@ -94,6 +95,17 @@ class T5Gemma2Config:
   @property
   def vocab_size(self) -> int:
     return self.decoder.vocab_size
+
+  @property
+  def tokens_per_side(self) -> int:
+    """The side of the square each image's patch grid is average-pooled to (mm_tokens_per_image tokens).
+    Checked here, where images are read, not on construction: transformers' own defaults (224 px / 16 and 256
+    tokens) cannot pool either, and text-only configs carry them."""
+    side = math.isqrt(self.mm_tokens_per_image)
+    if side * side != self.mm_tokens_per_image or self.vision.patches_per_side % side:
+      raise ValueError(f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose side divides the "
+                       f"vision tower's {self.vision.patches_per_side} patches per side, to pool images")
+    return side
 
   @property
   def d_model(self) -> int:

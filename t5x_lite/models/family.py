@@ -21,6 +21,10 @@ Its hooks (shape letters: t5x_lite/shapes.py):
           (2 x the parameters a token passes through; attention scores are left out).
   check_inputs(config, input_ids_BS, decoder_input_ids_BT or None) -> None, or ValueError for inputs the task
           cannot read.
+  image_rows(config, input_ids_BS, pixel_values_I3HW) -> (B, I, c, height, width): only for a family whose
+          encoder reads images. It lays transformers' flat pixel_values out per row (ValueError when the image
+          tokens and the images disagree); forward, encode, decoder and batch_logits (batch["pixel_values"])
+          then take them as the keyword `pixel_values_BI3HW`.
 
 And data: its transformers `model_types`, `config_from_hf` / `config_to_hf`, the module of its converter
 layout (`layout_module`, imported by convert/, which models/ knows nothing of) and the flavour of its
@@ -72,3 +76,4 @@ class Family:
   forward_flops_per_token: Callable
   encode: Callable | None = None
   check_inputs: Callable = _no_check
+  image_rows: Callable | None = None

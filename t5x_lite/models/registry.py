@@ -28,7 +28,8 @@ T5GEMMA2 = Family(
     config_from_hf=config_lib.t5gemma2_config_from_hf, config_to_hf=config_lib.t5gemma2_config_to_hf,
     layout_module="t5x_lite.convert.t5gemma2_layout", tokenizer="gemma",
     param_specs=t5gemma2.param_specs, forward=t5gemma2.forward, encode=t5gemma2.encode, decoder=t5gemma2.decoder,
-    batch_logits=t5gemma2.batch_logits, forward_flops_per_token=t5gemma2.forward_flops_per_token)
+    batch_logits=t5gemma2.batch_logits, forward_flops_per_token=t5gemma2.forward_flops_per_token,
+    image_rows=t5gemma2.image_rows)
 
 FAMILIES = {family.name: family for family in (T5, GEMMA, T5GEMMA2)}
 

@@ -7,7 +7,9 @@ Params (shape letters: t5x_lite/shapes.py; stacks laid out as models/gemma.py la
   encoder/layers/... (L_enc), encoder/final_norm/scale (D,)
   decoder/layers/... (L_dec), decoder/final_norm/scale (D,)   no cross-attention weights: the decoder's k/v
                                                projections and k_norm also make the encoder's keys and values
-  vision/... (models/siglip.py), projector/{norm/scale (C,), kernel (C, D)}   the image path's weights
+  vision/... (models/siglip.py), projector/{norm/scale (E,), kernel (E, D)}   the image path: the tower's
+                                               output, pooled, normed and projected, replaces the encoder's
+                                               embeddings at the image tokens (not scaled by sqrt(D))
   score/{kernel (D, labels), bias (labels,)}   sequence / token classification
 Behaviour kept from transformers (../shared/reference, section 6): encoder positions count slots (no padding
 shift); its sliding layers see offsets [-((w+1)//2 - 1), +w//2]; the decoder's sliding layers a causal window of
@@ -16,6 +18,7 @@ w; encoder keys get k_norm but no RoPE and are never windowed; with no attention
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5x_lite.config.t5gemma2 import T5Gemma2Config
 from t5x_lite.decoding import kv_cache
@@ -51,9 +54,38 @@ def _stack_view(params: dict, stack: str) -> dict:
   return {"embed": params["embed"], **params[stack]}
 
 
+def image_tokens(params: dict, config: T5Gemma2Config, pixels_I3HW: jax.Array) -> jax.Array:
+  """(I, M, D) text-side embeddings of images (I, c, height, width): the tower's patch grid average-pooled to
+  sqrt(M) x sqrt(M) (row-major, as transformers pools), the zero-centred RMS norm, then the projection."""
+  dtype = jnp.dtype(config.encoder.dtype)
+  features_IQE = siglip.encode_images(params["vision"], config.vision, pixels_I3HW, dtype)
+  I, _, E = features_IQE.shape
+  side, pooled = config.vision.patches_per_side, config.tokens_per_side
+  k = side // pooled
+  x = features_IQE.astype(jnp.float32).reshape(I, pooled, k, pooled, k, E).mean(axis=(2, 4)).astype(dtype)
+  x = rms_norm(x.reshape(I, pooled * pooled, E), params["projector"]["norm"]["scale"],
+               eps=config.vision.layer_norm_eps, zero_centered=True)
+  return x @ params["projector"]["kernel"].astype(dtype)
+
+
+def place_images(x_BSD: jax.Array, input_ids_BS: jax.Array, images_BIMD: jax.Array, image_token_id: int) -> jax.Array:
+  """The embeddings with each row's image tokens replaced, in order, by that row's image embeddings: the k-th
+  image token of row b takes token k % M of the row's image k // M (transformers scatters over the whole batch in
+  the same row-major order; a per-row layout keeps a row's images with the row on a sharded batch)."""
+  B, I, M, D = images_BIMD.shape
+  is_image_BS = input_ids_BS == image_token_id
+  rank_BS = jnp.clip(jnp.cumsum(is_image_BS, axis=1) - 1, 0, I * M - 1)
+  chosen_BSD = jnp.take_along_axis(images_BIMD.reshape(B, I * M, D), rank_BS[..., None], axis=1)
+  return jnp.where(is_image_BS[..., None], chosen_BSD.astype(x_BSD.dtype), x_BSD)
+
+
 def encode(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, attention_mask_BS: jax.Array | None = None,
-           *, segment_ids_BS: jax.Array | None = None, positions_BS: jax.Array | None = None) -> jax.Array:
-  """Final encoder states (B, S, D) in the compute dtype; bidirectional, windowed in sliding layers."""
+           pixel_values_BI3HW: jax.Array | None = None, *, segment_ids_BS: jax.Array | None = None,
+           positions_BS: jax.Array | None = None) -> jax.Array:
+  """Final encoder states (B, S, D) in the compute dtype; bidirectional, windowed in sliding layers.
+
+  `pixel_values_BI3HW` (B, I, c, height, width): each row's images in the order of its image tokens (rows with
+  fewer pad with anything; their slots are never read). See `image_rows` for transformers' flat layout."""
   cfg = config.encoder
   B, S = input_ids_BS.shape
   slots = masks.slot_index(B, S)
@@ -65,6 +97,10 @@ def encode(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, attent
   window = full if w is None else masks.combine(full, masks.sliding_window_mask(slots, slots, left=(w + 1) // 2 - 1,
                                                                                    right=w // 2))
   x = gemma.embed_tokens(params["embed"], cfg, input_ids_BS)
+  if pixel_values_BI3HW is not None:
+    B, I = pixel_values_BI3HW.shape[:2]
+    images = image_tokens(params, config, pixel_values_BI3HW.reshape(B * I, *pixel_values_BI3HW.shape[2:]))
+    x = place_images(x, input_ids_BS, images.reshape(B, I, *images.shape[1:]), config.image_token_index)
   x = gemma.run_stack(params["encoder"]["layers"], cfg, x, slots if positions_BS is None else positions_BS, full,
                       window)
   return rms_norm(x, params["encoder"]["final_norm"]["scale"], eps=cfg.rms_norm_eps, zero_centered=True)
@@ -110,14 +146,14 @@ def decode(params: dict, config: T5Gemma2Config, decoder_input_ids_BT: jax.Array
 def forward(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, attention_mask_BS: jax.Array | None = None,
             decoder_input_ids_BT: jax.Array | None = None, decoder_attention_mask_BT: jax.Array | None = None, *,
             rng: jax.Array | None = None,  # pylint: disable=unused-argument  (no dropout: the config refuses it)
-            encoder_segment_ids_BS: jax.Array | None = None, encoder_positions_BS: jax.Array | None = None,
+            pixel_values_BI3HW: jax.Array | None = None, encoder_segment_ids_BS: jax.Array | None = None, encoder_positions_BS: jax.Array | None = None,
             decoder_segment_ids_BT: jax.Array | None = None, decoder_positions_BT: jax.Array | None = None
             ) -> jax.Array:
   """The task's output in float32: lm (B, T, V) decoder logits; token_cls (B, T, labels) at every decoder position;
   seq_cls (B, labels) at each row's last non-pad decoder input. The heads decode `shift_right(input_ids)` (start:
   bos) when no decoder ids are given, as transformers does."""
-  encoded = encode(params, config, input_ids_BS, attention_mask_BS, segment_ids_BS=encoder_segment_ids_BS,
-                   positions_BS=encoder_positions_BS)
+  encoded = encode(params, config, input_ids_BS, attention_mask_BS, pixel_values_BI3HW,
+                   segment_ids_BS=encoder_segment_ids_BS, positions_BS=encoder_positions_BS)
   if decoder_input_ids_BT is None:
     decoder_input_ids_BT = shift_right(input_ids_BS, config.bos_token_id, config.pad_token_id)
   hidden = decode(params, config, decoder_input_ids_BT, encoded, attention_mask_BS, decoder_attention_mask_BT,
@@ -136,13 +172,14 @@ def forward(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, atten
 def batch_logits(params: dict, config: T5Gemma2Config, batch: dict, rng: jax.Array | None) -> jax.Array:
   """Decoder logits (B, T, V) of a packed encoder-decoder training batch (RoPE positions restart per segment)."""
   return forward(params, config, batch["input_ids"], None, batch["decoder_input_ids"], None, rng=rng,
-                 encoder_segment_ids_BS=batch["encoder_segment_ids"], encoder_positions_BS=batch["encoder_positions"],
+                 pixel_values_BI3HW=batch.get("pixel_values"), encoder_segment_ids_BS=batch["encoder_segment_ids"], encoder_positions_BS=batch["encoder_positions"],
                  decoder_segment_ids_BT=batch["decoder_segment_ids"], decoder_positions_BT=batch["decoder_positions"])
 
 
 def forward_flops_per_token(config: T5Gemma2Config) -> dict[str, float]:
   """2 x the weights each token passes: an encoder token its stack, and every decoder layer's key and value
-  projections of it; a decoder token its stack and the tied head. The vision tower is not counted (no images)."""
+  projections of it; a decoder token its stack and the tied head. The vision tower is not counted: its cost is
+  per image, not per token."""
   specs = param_specs(config)
   dec = config.decoder
   cross_kv = 2 * dec.num_layers * dec.d_model * dec.num_kv_heads * dec.head_dim
@@ -151,7 +188,7 @@ def forward_flops_per_token(config: T5Gemma2Config) -> dict[str, float]:
 
 
 def decoder(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, attention_mask_BS: jax.Array | None,
-            beams: int, max_new: int) -> Decoder:
+            beams: int, max_new: int, pixel_values_BI3HW: jax.Array | None = None) -> Decoder:
   """The encoder runs once; every decoder layer's encoder keys and values are computed once and join its softmax
   beside the self-attention cache (ring buffers in sliding layers), over R = B x beams rows from the start token."""
   cfg = config.decoder
@@ -159,7 +196,7 @@ def decoder(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, atten
   R = B * beams
   K = cfg.num_kv_heads
   view = _stack_view(params, "decoder")
-  encoded = encode(params, config, input_ids_BS, attention_mask_BS).astype(jnp.dtype(cfg.dtype))
+  encoded = encode(params, config, input_ids_BS, attention_mask_BS, pixel_values_BI3HW).astype(jnp.dtype(cfg.dtype))
   layers = gemma_decode.decode_layer_params(view, cfg)
   keys, values = [], []
   for p in unstack_layers(params["decoder"]["layers"], cfg.num_layers):
@@ -179,3 +216,30 @@ def decoder(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, atten
 
   first = jnp.full((R,), config.decoder_start_token_id, jnp.int32)
   return Decoder(step, gemma_decode.empty_cache(cfg, R, max_new), first, None, reorder, vocab_major=True)
+
+
+def image_rows(config: T5Gemma2Config, input_ids_BS: np.ndarray, pixel_values_I3HW) -> np.ndarray:
+  """transformers' flat `pixel_values` (all images of the batch, row after row) as (B, I, c, height, width): each
+  row's images, I = the most any row has, zeros after a row's last. ValueError when a row's image tokens are not
+  whole images or the images given are not the number the image tokens ask for."""
+  pixels = np.asarray(pixel_values_I3HW, np.float32)
+  want = (config.vision.num_channels, config.vision.image_size, config.vision.image_size)
+  if pixels.ndim != 4 or pixels.shape[1:] != want:
+    raise ValueError(f"pixel_values must be (images, {', '.join(map(str, want))}) as the processor gives them for "
+                     f"this vision tower, got shape {pixels.shape}")
+  config.tokens_per_side  # pylint: disable=pointless-statement  (raises for a tower that cannot pool to M tokens)
+  M = config.mm_tokens_per_image
+  tokens_B = (np.asarray(input_ids_BS) == config.image_token_index).sum(axis=1)
+  for b, n in enumerate(tokens_B):
+    if n % M:
+      raise ValueError(f"row {b} of input_ids holds {n} image tokens (id {config.image_token_index}), not a whole "
+                       f"number of images of {M} tokens each")
+  images_B = tokens_B // M
+  if images_B.sum() != len(pixels):
+    raise ValueError(f"the image tokens of input_ids ask for {images_B.sum()} images (per row: {images_B.tolist()}), "
+                     f"but pixel_values holds {len(pixels)}")
+  out = np.zeros((len(images_B), max(1, images_B.max()), *want), np.float32)
+  starts = np.concatenate([[0], np.cumsum(images_B)])
+  for b, n in enumerate(images_B):
+    out[b, :n] = pixels[starts[b]:starts[b] + n]
+  return out

@@ -1,4 +1,4 @@
-"""RMS normalisation in the two conventions of the supported families."""
+"""RMS normalisation in the two conventions of the supported families, and LayerNorm (the SigLIP tower)."""
 
 import jax
 import jax.numpy as jnp
@@ -20,3 +20,11 @@ def rms_norm(x_BxD: jax.Array, scale_D: jax.Array, *, eps: float, zero_centered:
   if zero_centered:
     scale = 1.0 + scale
   return (y * scale).astype(x_BxD.dtype)
+
+
+def layer_norm(x_BxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, *, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, computed in float32, returned in x's dtype."""
+  xf = x_BxD.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(jnp.var(xf, axis=-1, keepdims=True) + eps)
+  return (y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)).astype(x_BxD.dtype)

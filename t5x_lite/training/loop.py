@@ -93,19 +93,22 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
           train_steps: int = gin.REQUIRED, save_every: int = 100, keep_checkpoints: int = 3, log_every: int = 10,
           eval_every: int = 0, eval_steps: int = 4, seed: int = 0, mesh_spec: str = "", optimizer: str = "adafactor",
           schedule: str = "rsqrt", label_smoothing: float = 0.0, z_loss: float = 1e-4, accumulation_steps: int = 1,
-          init_params_from: str | None = None, async_checkpoints: bool = True, progress: bool = True) -> dict:
+          init_params_from: str | None = None, frozen: tuple[str, ...] = (), async_checkpoints: bool = True,
+          progress: bool = True) -> dict:
   """Trains `model` (a T5Config / GemmaConfig) on `data` until `train_steps`, resuming from WORKDIR.
 
   `tokenizer` and `documents` come from the caller (train.py builds them: a corpus file, or the demo's
   standard-library docstrings); `tokenizer_files` (name -> bytes, from `tokenizer_dir`) are written into the
   workdir so that it loads as a model, and a resumed run must bring the same ones. `init_params_from` fine-tunes
-  from an HF or t5x_lite checkpoint (or a workdir), whose own config is the model (init_from.py).
+  from an HF or t5x_lite checkpoint (or a workdir), whose own config is the model (init_from.py). `frozen`: paths
+  of the params tree that keep their values ("vision" and "projector": T5Gemma 2's image path).
   Returns the last logged metrics, with "preempted": True when SIGTERM / Ctrl-C ended the run early (after saving).
   """
   settings = dict(train_steps=train_steps, save_every=save_every, keep_checkpoints=keep_checkpoints,
                   log_every=log_every, eval_every=eval_every, eval_steps=eval_steps, seed=seed, mesh_spec=mesh_spec,
                   optimizer=optimizer, schedule=schedule, label_smoothing=label_smoothing, z_loss=z_loss,
                   accumulation_steps=accumulation_steps, init_params_from=init_params_from,
+                  frozen=(frozen,) if isinstance(frozen, str) else tuple(frozen),
                   async_checkpoints=async_checkpoints, progress=progress)
   _check_settings(settings)
   tokenizer_files = tokenizer_files or {}
@@ -128,14 +131,18 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
     fingerprint = None  # the first start's stays
   mesh = sharding.make_mesh(mesh_spec or f"data:{jax.device_count()}")
   opt, sched = optimizers.make_optimizer(optimizer, schedule)  # checks the optimizer's and schedule's settings
+  frozen = settings["frozen"]
+  labels = optimizers.frozen_labels(family_of_config(config).param_specs(config), frozen) if frozen else None
+  if labels is not None:
+    opt = optimizers.with_frozen(opt, labels)
   batches = make_batches(data, tokenizer, documents=documents)  # checks every document
-  loop_settings = {k: v for k, v in settings.items() if k not in ("mesh_spec", "optimizer", "schedule")}
+  loop_settings = {k: v for k, v in settings.items() if k not in ("mesh_spec", "optimizer", "schedule", "frozen")}
   try:
     with workdir_lib.run_lock(workdir):
       workdir_lib.write_run_files(workdir, config_json=config_json, gin_config=gin.config_str(),
                                   tokenizer_files=tokenizer_files, fingerprint=fingerprint)
       return _train_locked(workdir, config, config_json, data, batches, tokenizer, eval_documents, start, mesh=mesh,
-                           opt=opt, sched=sched, **loop_settings)
+                           opt=opt, sched=sched, frozen_labels=labels, **loop_settings)
   finally:
     if hasattr(batches, "close"):
       batches.close()
@@ -155,7 +162,7 @@ def _model_config(model, workdir: str, start: int | None, init_params_from: str 
 
 
 def _train_locked(workdir: str, config, config_json: str, data: DataConfig, batches, tokenizer, eval_documents,
-                  start: int | None, *, mesh, opt, sched, train_steps: int, save_every: int, keep_checkpoints: int,
+                  start: int | None, *, mesh, opt, sched, frozen_labels, train_steps: int, save_every: int, keep_checkpoints: int,
                   log_every: int, eval_every: int, eval_steps: int, seed: int, label_smoothing: float, z_loss: float,
                   accumulation_steps: int, init_params_from: str | None, async_checkpoints: bool,
                   progress: bool) -> dict:
@@ -177,7 +184,7 @@ def _train_locked(workdir: str, config, config_json: str, data: DataConfig, batc
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 make_state.out_info, make_state.output_shardings)
   train_step = jax.jit(make_train_step(config, opt, sched, label_smoothing=label_smoothing, z_loss=z_loss,
-                                       accumulation_steps=accumulation_steps),
+                                       accumulation_steps=accumulation_steps, frozen_labels=frozen_labels),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(config))
 

@@ -1,6 +1,9 @@
 """Optimizers and learning-rate schedules, configurable from gin. Built on optax."""
 
+from collections.abc import Sequence
+
 import gin
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -60,3 +63,23 @@ def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt"):
                      f"got {name!r}, {schedule!r}")
   sched = schedules[schedule]()
   return optimizers[name](sched), sched
+
+
+def frozen_labels(params, frozen: Sequence[str]):
+  """A tree like `params` holding "frozen" under each path of `frozen` ("vision", "encoder/layers": keys of the
+  params tree joined by "/") and "trained" elsewhere. ValueError naming a path that holds no parameter."""
+  paths = {tuple(p.split("/")) for p in frozen}
+  leaf_paths = [tuple(str(getattr(k, "key", k)) for k in path)
+                for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for p in sorted(paths):
+    if not any(leaf[:len(p)] == p for leaf in leaf_paths):
+      raise ValueError(f"train.frozen names {'/'.join(p)!r}, which holds no parameter of this model (its top-level "
+                       f"parameter groups: {sorted(params)})")
+  labels = ["frozen" if any(leaf[:len(p)] == p for p in paths) else "trained" for leaf in leaf_paths]
+  return jax.tree.unflatten(jax.tree.structure(params), labels)
+
+
+def with_frozen(optimizer: optax.GradientTransformation, labels) -> optax.GradientTransformation:
+  """`optimizer` on the "trained" leaves of `labels`; the "frozen" ones keep their values and hold no optimizer
+  state (optax.multi_transform with set_to_zero)."""
+  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)

@@ -28,17 +28,21 @@ def loss_sums(params: dict, config, batch: dict, rng, *, label_smoothing: float,
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation, schedule, *, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, accumulation_steps: int = 1):
+                    z_loss: float = 0.0, accumulation_steps: int = 1, frozen_labels=None):
   """train_step(state, batch, rng) -> (state, metrics); state = {"step", "params", "opt_state"}.
 
   With `accumulation_steps` = A the batch is split into A microbatches run one after another under
   `lax.scan`; their gradients of the summed loss add up and are divided by the total token weight, so the
-  update equals the one-shot batch's exactly (up to float summation order).
+  update equals the one-shot batch's exactly (up to float summation order). `frozen_labels` (a tree like the params
+  of "frozen" / "trained", optimizers.frozen_labels): no gradient flows into the frozen params, so XLA drops their
+  backward pass; the optimizer (optimizers.with_frozen) leaves them as they are.
   """
   sums = functools.partial(loss_sums, config=config, label_smoothing=label_smoothing, z_loss=z_loss)
 
   def micro_grads(params, micro, rng):
     def f(p):
+      if frozen_labels is not None:
+        p = jax.tree.map(lambda x, label: jax.lax.stop_gradient(x) if label == "frozen" else x, p, frozen_labels)
       out = sums(p, batch=micro, rng=rng)
       return out["loss"], out
     return jax.grad(f, has_aux=True)(params)
