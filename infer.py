@@ -8,6 +8,10 @@ ids) or "inputs" (either: the name train.py's seq2seq records use), and for --mo
 or "targets" (a string or ids). Output: one line per input line, in order: {"output": text, "output_ids": [...]}
 or {"score": float}; a line that cannot be processed (bad JSON, no input key, two spellings of one field such as
 "text" and "inputs", ...) gets {"error": ...} and the run goes on.
+A model with a vision tower (T5Gemma 2) reads images: "images": ["photo.jpg", ...] (paths relative to the input
+file's folder), one per <start_of_image> in the text, which expands as transformers' processor expands it (ids
+must already hold the image tokens). A missing, unreadable or corrupt image, or a count that does not match, gives
+that line an error naming the file; lines with and without images share batches.
 
 The output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
 OUT.jsonl.run records what produced the answers (the model's files, the tokenizer, the settings that change answers

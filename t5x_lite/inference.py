@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -277,9 +278,18 @@ def _field_ids(record: dict, key: str, tokenizer, vocab_size: int) -> list[int]:
   raise LineError(f'"{key}" must be {" or ".join(_KIND[t] for t in holds)}, got {_type_name(value)}')
 
 
-def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
-               model) -> tuple[list[int], list[int] | None]:
-  """(input ids, target ids or None) for one JSONL line, or LineError saying what is wrong."""
+class ParsedLine(NamedTuple):
+  """One input line made ready for the model: its input ids, target ids (score mode) and, for a line with
+  "images", their pixels (n, 3, height, width) as the model's processor makes them (n = images and their crops)."""
+  ids: list[int]
+  target: list[int] | None
+  pixels: np.ndarray | None = None
+
+
+def parse_line(line: bytes | str, options: InferenceOptions, tokenizer, model,
+               base_dir: str = ".") -> ParsedLine:
+  """The ids (and pixels) of one JSONL line, or LineError saying what is wrong. "images" paths are relative to
+  `base_dir` (the input file's folder)."""
   if isinstance(line, bytes):
     try:
       line = line.decode("utf-8")
@@ -299,7 +309,11 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
   target_key = _the_key(record, TARGET_KEYS)  # two spellings of the target are ambiguous in either mode
   if input_key is None:
     raise LineError('missing field: give "text" or "input_ids" (or "inputs", as train.py reads)')
-  ids = _field_ids(record, input_key, tokenizer, vocab_size)
+  pixels = None
+  if "images" in record:
+    ids, pixels = _with_images(record, input_key, tokenizer, model, base_dir)
+  else:
+    ids = _field_ids(record, input_key, tokenizer, vocab_size)
   if not ids:
     raise LineError("empty input: no ids")
   if len(ids) > options.max_input_length:
@@ -315,7 +329,37 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer,
       target = target[1:]  # the target continues the prompt: no second BOS
     if not target:
       raise LineError("empty target")
-  return ids, target
+  return ParsedLine(ids, target, pixels)
+
+
+def _with_images(record: dict, input_key: str, tokenizer, model, base_dir: str) -> tuple[list[int], np.ndarray]:
+  """Ids and pixels of a line with "images": text goes through the processor (each `<start_of_image>` expands as
+  transformers expands it); ids must already hold the image tokens. LineError names an image file that is
+  missing, unreadable or not an image, and a count that does not match."""
+  from t5x_lite.vision.images import load_image  # pylint: disable=import-outside-toplevel
+  processor = model.processor
+  if processor is None or processor.image_processor is None:
+    raise LineError('"images" given, but this model reads no images (no vision tower, or no image processor '
+                    "files in its directory)")
+  images = record["images"]
+  if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+    raise LineError(f'"images" must be a list of file paths, got {_shown(images)}')
+  paths = [os.path.join(base_dir, p) for p in images]
+  value = record[input_key]
+  try:
+    if isinstance(value, str):
+      ids, pixels = processor.encode_example(value, paths)
+      return [int(i) for i in ids], pixels
+    ids = _field_ids(record, input_key, tokenizer, model.config.vocab_size)
+    pixels = processor.image_settings()([load_image(p) for p in paths]).pixel_values
+  except ValueError as e:  # ImageError naming a file, or the count of <start_of_image> and of the files
+    raise LineError(str(e)) from None
+  want = len(pixels) * processor.image_seq_length
+  have = ids.count(processor.image_token_id)
+  if have != want:
+    raise LineError(f"input_ids hold {have} image tokens (id {processor.image_token_id}), but the {len(paths)} "
+                    f"images need {want}")
+  return ids, pixels
 
 
 def _left_or_right_pad(rows: list[list[int]], pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -328,15 +372,16 @@ def _left_or_right_pad(rows: list[list[int]], pad: int, left: bool) -> tuple[np.
   return ids, mask
 
 
-def run_batch(model, parsed: list[tuple[list[int], list[int] | None]], options: InferenceOptions,
-              seed: int) -> list[dict]:
+def run_batch(model, parsed: list[ParsedLine], options: InferenceOptions, seed: int) -> list[dict]:
   """Results for a batch of parsed lines, in order."""
   config = model.config
-  ids, mask = _left_or_right_pad([p[0] for p in parsed], config.pad_token_id, left=not config.is_encoder_decoder)
+  ids, mask = _left_or_right_pad([p.ids for p in parsed], config.pad_token_id, left=not config.is_encoder_decoder)
+  with_images = [p.pixels for p in parsed if p.pixels is not None and len(p.pixels)]
+  pixels = np.concatenate(with_images) if with_images else None  # transformers' layout: row after row
   if options.mode == "score":
-    targets, _ = _left_or_right_pad([p[1] for p in parsed], config.pad_token_id, left=False)
-    return [{"score": float(s)} for s in model.score(ids, targets, mask)]
-  out = model.generate(ids, mask, max_new_tokens=options.max_new_tokens, method=options.method,
+    targets, _ = _left_or_right_pad([p.target for p in parsed], config.pad_token_id, left=False)
+    return [{"score": float(s)} for s in model.score(ids, targets, mask, pixel_values=pixels)]
+  out = model.generate(ids, mask, pixels, max_new_tokens=options.max_new_tokens, method=options.method,
                        temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                        num_beams=options.num_beams, length_penalty=options.length_penalty, seed=seed)
   results = []
@@ -385,7 +430,8 @@ def run_file(model, input_path: str, output_path: str, options: InferenceOptions
   bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress, file=sys.stderr)
   with out, record, bar:  # the bar closes on an error too (own line for it)
     for start, chunk in _chunks(lines, done, options.batch_size):
-      results = _answer(model, chunk, options, options.seed + start, stats)
+      results = _answer(model, chunk, options, options.seed + start, stats,
+                        os.path.dirname(os.path.abspath(input_path)))
       inference_record.append_digests(record, chunk)  # before the answers: the record covers every answer
       out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
       out.flush()
@@ -394,13 +440,14 @@ def run_file(model, input_path: str, output_path: str, options: InferenceOptions
   return stats
 
 
-def _answer(model, chunk: list[bytes], options: InferenceOptions, seed: int, stats: dict) -> list[dict]:
+def _answer(model, chunk: list[bytes], options: InferenceOptions, seed: int, stats: dict,
+            base_dir: str) -> list[dict]:
   """The output records of a chunk of input lines, in order; error lines counted in `stats`."""
   results: list[dict | None] = [None] * len(chunk)
   good = []
   for k, line in enumerate(chunk):
     try:
-      good.append((k, parse_line(line, options, model.tokenizer, model)))
+      good.append((k, parse_line(line, options, model.tokenizer, model, base_dir)))
     except LineError as e:
       results[k] = {"error": str(e)}
       stats["errors"] += 1

@@ -12,6 +12,8 @@ Encoder-decoder (seqio's `EncDecFeatureConverter`, packed), every array (B, L_in
   decoder_target_ids, decoder_segment_ids, decoder_positions     the packed targets
   decoder_input_ids      targets shifted right within each segment, `start_id` (0) at each segment start
   decoder_loss_weights   float32, 1 on real target tokens, 0 on padding
+  pixel_values           float32 (B, images, 3, height, width), when the examples carry images: each row's images
+                         in the order of its image tokens (packed like a feature of that many slots), zeros after
 
 Decoder-only (seqio's `PrefixLMFeatureConverter`; a plain LM is the case of empty inputs), every array (B, L):
   target_ids             inputs + targets of each example, concatenated (what each position predicts)
@@ -75,7 +77,8 @@ def encoder_decoder_features(rows: Mapping[str, np.ndarray], *, start_id: int = 
   """Model features (see the module docstring) of stacked packed rows: `rows` holds `inputs`, `targets` and
   their `_segment_ids`/`_positions`, each (B, L)."""
   dec_seg_BT = rows["targets_segment_ids"]
-  return {
+  images = {} if "pixel_values" not in rows else {"pixel_values": rows["pixel_values"]}
+  return {**images,
       "input_ids": rows["inputs"],
       "encoder_segment_ids": rows["inputs_segment_ids"],
       "encoder_positions": rows["inputs_positions"],

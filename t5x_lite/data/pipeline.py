@@ -31,6 +31,7 @@ documents, 0.03 ms for 1000); it does not matter for real corpora. `shuffle=Fals
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import grain
@@ -64,6 +65,12 @@ class DataConfig:
   pack: False puts one example per row. packing_bins: open rows per lane (first-fit across them).
   prefetch: batches a background thread prepares ahead (grain's ThreadPrefetchIterDataset); 0 = none. With
     prefetch, `close()` the iterator when done.
+  max_images: image slots of an encoder row (images and pan-and-scan crops of the examples packed in it); 0 = text
+    only. With images (a model with a vision tower and its processor, seq2seq), a record may carry
+    "images": [paths] (relative to its JSONL file), one per `<start_of_image>` of its "inputs"; the batch gains
+    `pixel_values` (B, max_images, 3, height, width), each row's images in the order of its image tokens.
+  image_threads: threads that decode and preprocess images, per lane (grain read threads); Pillow works outside
+    the GIL there.
   """
   objective: str = "ul2"
   decoder_only: bool = False
@@ -86,6 +93,8 @@ class DataConfig:
   pack: bool = True
   packing_bins: int = 4
   prefetch: int = 0
+  max_images: int = 0
+  image_threads: int = 1
 
   def __post_init__(self):
     check_field_types(self)
@@ -98,11 +107,22 @@ class DataConfig:
       raise ValueError("objective 'lm' needs decoder_only=True")
     if not 0 <= self.seed < 2**32:
       raise ValueError(f"seed must lie in [0, 2**32) (grain's shuffle), got {self.seed}")
+    if self.max_images < 0 or self.image_threads < 1:
+      raise ValueError(f"DataConfig.max_images must be >= 0 and image_threads >= 1, got {self.max_images} and "
+                       f"{self.image_threads}")
+    if self.max_images and (self.objective != "seq2seq" or self.decoder_only):
+      raise ValueError(f"DataConfig.max_images {self.max_images}: images are read by encoder-decoder seq2seq "
+                       f"training only (objective {self.objective!r}, decoder_only {self.decoder_only})")
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
   """`tokenizer.encode(text)` without the BOS/EOS the tokenizer adds itself: the objectives place EOS."""
-  ids = list(tokenizer.encode(text))
+  return without_added_tokens(tokenizer, tokenizer.encode(text))
+
+
+def without_added_tokens(tokenizer, ids) -> list[int]:
+  """`ids` as the tokenizer wrote them, less the BOS / EOS it adds to every text."""
+  ids = list(ids)
   if getattr(tokenizer, "add_bos", False) and ids and ids[0] == tokenizer.bos_id:
     ids = ids[1:]
   if getattr(tokenizer, "add_eos", False) and ids and ids[-1] == tokenizer.eos_id:
@@ -147,14 +167,16 @@ def _with_eos(ids: Sequence[int], limit: int, eos_id: int) -> list[int]:
 class _DocumentExamples:
   """(stream index, document) -> the list of per-example dicts the packer takes (possibly empty)."""
 
-  def __init__(self, config: DataConfig, tokenizer):
-    self._config, self._tokenizer = config, tokenizer
+  def __init__(self, config: DataConfig, tokenizer, processor=None):
+    self._config, self._tokenizer, self._processor = config, tokenizer, processor
     self._eos = tokenizer.eos_id
     self._mixture = make_mixture(config, tokenizer) if config.objective in ("ul2", "span_corruption") else None
     self._to_example = packing.decoder_only_example if config.decoder_only else packing.encoder_decoder_example
 
   def __call__(self, index: int, doc: sources.Document) -> list[dict[str, np.ndarray]]:
     c = self._config
+    if c.objective == "seq2seq" and c.max_images:
+      return [self._with_images(doc)]
     if c.objective == "seq2seq":
       return [self._to_example(*self._seq2seq(doc))]
     ids = token_ids(self._tokenizer, sources.document_text(doc, c.text_key))
@@ -167,13 +189,32 @@ class _DocumentExamples:
     return [self._to_example(ex.inputs, ex.targets)
             for ex in ul2_examples(ids, self._mixture, seed=(c.seed, index))]
 
-  def _seq2seq(self, doc) -> tuple[list[int], list[int]]:
+  def _with_images(self, doc) -> dict[str, np.ndarray]:
+    """An encoder-decoder example with `pixel_values` (n, 3, height, width): the processor expands each
+    `<start_of_image>` of the inputs as transformers does, for the crops each image gives."""
+    c = self._config
+    inputs, targets = (doc["inputs"], doc["targets"]) if isinstance(doc, dict) else doc
+    paths = doc.get("images", []) if isinstance(doc, dict) else []
+    ids, pixels = self._processor.encode_example(inputs, paths)
+    encoder_input, target_ids = self._seq2seq((ids, targets), inputs_are_ids=True)
+    image_token = self._processor.image_token_id
+    if np.count_nonzero(np.asarray(encoder_input) == image_token) != np.count_nonzero(ids == image_token):
+      raise ValueError(f"an input with images {list(paths)} is {len(ids)} tokens, over DataConfig.inputs_length "
+                       f"{c.inputs_length}: its image tokens cannot be cut")
+    if len(pixels) > c.max_images:
+      raise ValueError(f"the images {list(paths)} of one record give {len(pixels)} images and crops, over "
+                       f"DataConfig.max_images {c.max_images}")
+    return {**packing.encoder_decoder_example(encoder_input, target_ids), "pixel_values": pixels}
+
+  def _seq2seq(self, doc, inputs_are_ids: bool = False) -> tuple[list[int], list[int]]:
     c = self._config
     if isinstance(doc, dict):
       inputs, targets = doc["inputs"], doc["targets"]
     else:
       inputs, targets = doc
-    inputs, targets = token_ids(self._tokenizer, inputs), token_ids(self._tokenizer, targets)
+    # The processor's ids are as the tokenizer writes them, BOS / EOS included.
+    inputs = without_added_tokens(self._tokenizer, inputs) if inputs_are_ids else token_ids(self._tokenizer, inputs)
+    targets = token_ids(self._tokenizer, targets)
     if not c.decoder_only:
       # The encoder reads its input as the model's tokenizer writes the text (T5: ... </s>; a Gemma-style
       # tokenizer: <bos> ... when it adds BOS, no EOS), trimmed to inputs_length, so that inference on
@@ -223,14 +264,33 @@ def _host_lanes(batch_size: int, process_index: int | None, process_count: int |
   return range(process_index * per_host, (process_index + 1) * per_host)
 
 
-def check_documents(docs: Sequence[sources.Document], config: DataConfig) -> None:
+def check_documents(docs: Sequence[sources.Document], config: DataConfig, processor=None) -> None:
   """ValueError naming the first document the objective cannot read (its file:line when `docs` came from
-  `sources.read_documents`), before training starts rather than when the shuffled stream reaches it."""
+  `sources.read_documents`), before training starts rather than when the shuffled stream reaches it: its fields,
+  and with images their count against the `<start_of_image>` of its inputs and that each file exists."""
   for i, doc in enumerate(docs):
-    problem = _document_problem(doc, config)
+    problem = _document_problem(doc, config) or _images_problem(doc, config, processor)
     if problem:
       where = docs.origin(i) if isinstance(docs, sources.Documents) else f"document {i}"
       raise ValueError(f"{where}: {problem}")
+
+
+def _images_problem(doc, config: DataConfig, processor) -> str:
+  if not isinstance(doc, dict) or "images" not in doc:
+    return ""
+  images = doc["images"]
+  if not config.max_images:
+    return ('"images" given, but DataConfig.max_images is 0 (text only): set it to the most images and crops a '
+            "packed row may hold")
+  if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+    return f'"images" must be a list of file paths, got {images!r}'
+  boi = processor.tokens.boi
+  if doc["inputs"].count(boi) != len(images):
+    return f'"inputs" holds {doc["inputs"].count(boi)} {boi} but "images" lists {len(images)} files'
+  for path in images:
+    if not os.path.isfile(path):
+      return f"image file {path} does not exist" if not os.path.exists(path) else f"image {path} is not a file"
+  return ""
 
 
 def _document_problem(doc, config: DataConfig) -> str:
@@ -256,28 +316,37 @@ def _document_problem(doc, config: DataConfig) -> str:
 
 
 def make_dataset(config: DataConfig, tokenizer, *, documents: Sequence[sources.Document] | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+                 process_index: int | None = None, process_count: int | None = None,
+                 processor=None) -> grain.IterDataset:
   """This host's batches as a grain IterDataset (see `make_batches`)."""
+  if config.max_images and getattr(processor, "image_processor", None) is None:
+    raise ValueError(f"DataConfig.max_images is {config.max_images}, but no image processor was given: images need a "
+                     "model with a vision tower and its processor files (preprocessor_config.json) beside the "
+                     "tokenizer")
   if documents is None:
     docs = sources.read_documents(config.files)
   else:  # Documents keep their file:line origins for check_documents; anything else (a generator) becomes a list
     docs = documents if isinstance(documents, sources.Documents) else list(documents)
   if not docs:
     raise ValueError("no documents: give `documents` or `config.files`")
-  check_documents(docs, config)
+  check_documents(docs, config, processor)
   docs = list(docs)
   lanes = _host_lanes(config.batch_size, process_index, process_count)
   ds = grain.MapDataset.source(docs)
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
-  ds = ds.repeat(config.num_epochs).map_with_index(_DocumentExamples(config, tokenizer))
+  ds = ds.repeat(config.num_epochs).map_with_index(_DocumentExamples(config, tokenizer, processor))
   if config.decoder_only:
     lengths = {"tokens": config.length, "is_target": config.length}
   else:
     lengths = {"inputs": config.inputs_length, "targets": config.targets_length}
-  # Lanes read in the calling thread (num_threads=0): the documents are in memory, and threads would only
-  # contend for the GIL. `prefetch` overlaps the whole pipeline with training instead.
-  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  if config.max_images:
+    lengths["pixel_values"] = config.max_images  # the packer fills a row's image slots as it fills its tokens
+  # Text lanes read in the calling thread (num_threads=0): the documents are in memory, and threads would only
+  # contend for the GIL. `prefetch` overlaps the whole pipeline with training instead. Images are decoded and
+  # resized by Pillow, which releases the GIL: each lane reads them in its own threads.
+  threads = config.image_threads if config.max_images else 0
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
   rows = []
   for j in lanes:
     examples = grain_experimental.FlatMapIterDataset(ds[j::config.batch_size].to_iter_dataset(read), _Flatten())
@@ -289,16 +358,18 @@ def make_dataset(config: DataConfig, tokenizer, *, documents: Sequence[sources.D
 
 
 def make_batches(config: DataConfig, tokenizer, *, documents: Sequence[sources.Document] | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+                 process_index: int | None = None, process_count: int | None = None,
+                 processor=None) -> grain.DatasetIterator:
   """An iterator over this host's batches: dicts of numpy arrays (batch_size // process_count, L), the
   features of packing.py.
 
   `documents` (strings, or dicts for JSONL-style records) replaces `config.files`, e.g. a corpus built at run
   time. `tokenizer` needs `encode(text)` and `eos_id` (plus `sentinel_id(n)`/`extra_ids` unless the config
-  names the sentinels). Hosts default to `jax.process_index()` / `jax.process_count()`.
+  names the sentinels). Hosts default to `jax.process_index()` / `jax.process_count()`. `processor`
+  (t5x_lite.vision.Processor) reads the images of a config with `max_images`.
 
   The iterator's `get_state()` is a JSON-serialisable dict; `set_state(state)` on an iterator made from the same
   config and documents continues with exactly the batches the saved iterator would have produced next.
   """
   return iter(make_dataset(config, tokenizer, documents=documents, process_index=process_index,
-                           process_count=process_count))
+                           process_count=process_count, processor=processor))

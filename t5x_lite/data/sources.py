@@ -54,7 +54,8 @@ def read_documents(paths: str | Sequence[str]) -> Documents:
   """All documents of `paths` (files or glob patterns), in file order then line order.
 
   `*.jsonl` / `*.json` files hold one JSON object per line (blank lines skipped); any other file is plain text
-  with one document per non-empty line (the newline removed). A byte-order mark opening a file is dropped.
+  with one document per non-empty line (the newline removed). A record's "images" paths are taken relative to its
+  file's folder. A byte-order mark opening a file is dropped.
   ValueError names the file and line of text that is not UTF-8 or a JSON line that is not an object.
   """
   docs = Documents()
@@ -80,8 +81,18 @@ def read_documents(paths: str | Sequence[str]) -> Documents:
         if not isinstance(record, dict):
           raise ValueError(f"{path}:{n}: not a JSON object (a {type(record).__name__}); JSONL documents are "
                            'objects such as {"text": ...} or {"inputs": ..., "targets": ...}')
-        docs.add(record, path, n)
+        docs.add(_images_from(record, path), path, n)
   return docs
+
+
+def _images_from(record: dict, path: str) -> dict:
+  """The record with the relative paths of its "images" list made relative to its JSONL file's folder, as
+  infer.py reads them; anything else is left for the pipeline's checks to name."""
+  images = record.get("images")
+  if isinstance(images, list) and all(isinstance(p, str) for p in images):
+    folder = os.path.dirname(os.path.abspath(path))
+    record = {**record, "images": [p if os.path.isabs(p) else os.path.join(folder, p) for p in images]}
+  return record
 
 
 def document_text(doc: Document, key: str = "text") -> str:

@@ -87,8 +87,8 @@ def _check_settings(settings: dict) -> None:
       raise ValueError(f"train.{name} must be >= 0, got {settings[name]}")
 
 
-@gin.configurable(denylist=["workdir", "documents", "eval_documents", "tokenizer", "tokenizer_files"])
-def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, tokenizer=None,
+@gin.configurable(denylist=["workdir", "documents", "eval_documents", "tokenizer", "tokenizer_files", "processor"])
+def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, tokenizer=None, processor=None,
           documents=None, eval_documents=None, tokenizer_files: dict[str, bytes] | None = None,
           train_steps: int = gin.REQUIRED, save_every: int = 100, keep_checkpoints: int = 3, log_every: int = 10,
           eval_every: int = 0, eval_steps: int = 4, seed: int = 0, mesh_spec: str = "", optimizer: str = "adafactor",
@@ -98,8 +98,8 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   """Trains `model` (a T5Config / GemmaConfig) on `data` until `train_steps`, resuming from WORKDIR.
 
   `tokenizer` and `documents` come from the caller (train.py builds them: a corpus file, or the demo's
-  standard-library docstrings); `tokenizer_files` (name -> bytes, from `tokenizer_dir`) are written into the
-  workdir so that it loads as a model, and a resumed run must bring the same ones. `init_params_from` fine-tunes
+  standard-library docstrings), and `processor` (t5x_lite.vision) for image data (DataConfig.max_images);
+  `tokenizer_files` (name -> bytes, from `tokenizer_dir`) are written into the workdir so that it loads as a model, and a resumed run must bring the same ones. `init_params_from` fine-tunes
   from an HF or t5x_lite checkpoint (or a workdir), whose own config is the model (init_from.py). `frozen`: paths
   of the params tree that keep their values ("vision" and "projector": T5Gemma 2's image path).
   Returns the last logged metrics, with "preempted": True when SIGTERM / Ctrl-C ended the run early (after saving).
@@ -121,6 +121,8 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   if config.is_encoder_decoder and data.start_id != config.decoder_start_token_id:
     raise ValueError(f"DataConfig.start_id is {data.start_id} but the model's decoder starts from "
                      f"{config.decoder_start_token_id}: bind DataConfig.start_id = {config.decoder_start_token_id}")
+  if data.max_images and family_of_config(config).image_rows is None:
+    raise ValueError(f"DataConfig.max_images is {data.max_images}, but this {config.family} model reads no images")
   config_json = config_to_json(config)
   fingerprint = workdir_lib.corpus_fingerprint(documents) if documents is not None else None
   if start is not None:
@@ -135,7 +137,7 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
   labels = optimizers.frozen_labels(family_of_config(config).param_specs(config), frozen) if frozen else None
   if labels is not None:
     opt = optimizers.with_frozen(opt, labels)
-  batches = make_batches(data, tokenizer, documents=documents)  # checks every document
+  batches = make_batches(data, tokenizer, documents=documents, processor=processor)  # checks every document
   loop_settings = {k: v for k, v in settings.items() if k not in ("mesh_spec", "optimizer", "schedule", "frozen")}
   try:
     with workdir_lib.run_lock(workdir):

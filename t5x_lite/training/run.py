@@ -72,7 +72,8 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
         sample_prompts: tuple[str, ...] = (), sample_max_new_tokens: int = 24, seed: int = 0) -> dict:
   """corpus "stdlib": the installed standard library's docstrings with a sentencepiece model trained on them
   (kept in WORKDIR so a resumed run reuses it); "files": `files` (text/JSONL) with the tokenizer in
-  `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model). After training, the
+  `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model; its image processor
+  files, where it has them, read the images of image+text records: DataConfig.max_images). After training, the
   latest checkpoint is loaded and greedy-decodes `sample_prompts`.
 
   Plain-text corpora hold out ~2% of their lines (by content hash) as the eval split that `train.eval_every`
@@ -81,6 +82,7 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
   position, so it would go on over the new corpus from the old one's place. Nothing is written into the workdir
   before `train` has accepted it (workdir.py): a refused run leaves it as it was.
   """
+  processor = None
   if corpus == "stdlib":
     train_docs, eval_docs = split_train_eval(stdlib_docstrings(max_documents))
     tokenizer_bytes = _stdlib_tokenizer_files(workdir, train_docs, spm_vocab_size, seed)
@@ -97,12 +99,14 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
     if tokenizer is None:
       raise ValueError(f"corpus 'files' needs tokenizer_dir holding spiece.model / tokenizer.model "
                        f"(got {tokenizer_dir!r})")
-    tokenizer_bytes = tokenizer_files(tokenizer_dir)
+    tokenizer_bytes = tokenizer_files(tokenizer_dir)  # the image processor's files too, where it has them
+    from t5x_lite.vision.processor import load_processor  # pylint: disable=import-outside-toplevel
+    processor = load_processor(tokenizer_dir, tokenizer=tokenizer)
   else:
     raise ValueError(f"corpus must be 'stdlib' or 'files', got {corpus!r}")
 
   metrics = train(workdir, tokenizer=tokenizer, tokenizer_files=tokenizer_bytes, documents=train_docs,
-                  eval_documents=eval_docs)
+                  eval_documents=eval_docs, processor=processor)
   if metrics.get("preempted"):
     return metrics  # saved; the next start resumes
   stats_path = os.path.join(workdir, "corpus_stats.json")
