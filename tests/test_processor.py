@@ -139,13 +139,16 @@ def test_pixels_match_transformers_processor(ours, ref):
   assert len(cases) == 56
 
 
-@pytest.mark.parametrize("size", [64, 896])
-def test_pixels_match_transformers_at_another_size(size):
+@pytest.mark.parametrize("size,resample", [(64, 2), (64, 3), (896, 2)], ids=["64-bilinear", "64-bicubic", "896"])
+def test_pixels_match_transformers_at_another_size(size, resample):
   cases = _pil_cases()[-3:] + _array_cases()[:3] if size == 896 else _pil_cases() + _array_cases()
   names, images = zip(*cases)
-  ref = tf.Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+  # Bicubic also with per-channel mean and std (CLIP's), to catch a swapped channel axis.
+  mean, std = ([0.481, 0.458, 0.408], [0.269, 0.261, 0.276]) if resample == 3 else ([0.5] * 3, [0.5] * 3)
+  ref = tf.Gemma3ImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std,
+                                   resample=resample)
   ours = ImageProcessor.from_dict(ref.to_dict())
-  assert ours.size == (size, size)
+  assert ours.size == (size, size) and ours.resample == resample
   a, b = ours(list(images)), ref(list(images), return_tensors="np")
   diffs = _max_diffs(a.pixel_values, b["pixel_values"], names)
   assert max(diffs.values()) <= PIXEL_TOL, {k: v for k, v in diffs.items() if v > PIXEL_TOL}
