@@ -1,6 +1,6 @@
 """t5x_lite: T5 and Gemma families in JAX, numerically matching transformers.
 
-Public contract (see README): `load`, `Model`, `ConversionError`, `make_mesh`, and `t5x_lite.data`.
+Public contract (see README): `load`, `Model`, `ConversionError`, `ImageError`, `make_mesh`, and `t5x_lite.data`.
 
 The names load on first use (PEP 562 module `__getattr__`): the entry points import small modules of this package
 (`xla_flags`, `malloc_tunables`) that must run before JAX is imported, and `malloc_tunables` may re-execute the
@@ -10,8 +10,8 @@ process, so importing the package itself must not pull in JAX (1.3 s).
 import importlib
 import importlib.util
 
-_EXPORTS = {"ConversionError": "t5x_lite.errors", "Model": "t5x_lite.model", "load": "t5x_lite.model",
-            "make_mesh": "t5x_lite.sharding"}
+_EXPORTS = {"ConversionError": "t5x_lite.errors", "ImageError": "t5x_lite.errors", "Model": "t5x_lite.model",
+            "load": "t5x_lite.model", "make_mesh": "t5x_lite.sharding"}
 __all__ = list(_EXPORTS)
 
 

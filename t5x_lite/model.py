@@ -265,6 +265,17 @@ class Model:
     """Writes our own checkpoint format (orbax params + config.json, tokenizer files beside them)."""
     checkpoint.save_checkpoint(self.params, self.config, out_dir, extra_files=hf.tokenizer_files(self.source_dir))
 
+  @property
+  def processor(self):
+    """The text + image processor (`t5x_lite.vision.Processor`) of a model with a vision tower whose directory holds
+    the processor files (processor_config.json / preprocessor_config.json) and a tokenizer naming the image tokens;
+    None otherwise. Built on first use."""
+    if not hasattr(self, "_processor"):
+      from t5x_lite.vision.processor import load_processor  # pylint: disable=import-outside-toplevel
+      self._processor = None if self.tokenizer is None else load_processor(self.source_dir, self.config,
+                                                                            self.tokenizer)
+    return self._processor
+
   def __repr__(self):
     n = sum(x.size for x in jax.tree.leaves(self.params))
     return f"Model({self.config.family}/{self.config.model_type}, task={self.config.task}, params={n:,})"

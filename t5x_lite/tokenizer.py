@@ -69,6 +69,9 @@ class SentencePieceTokenizer(_Tokenizer):
   Special tokens written in the text (control pieces such as `<pad>`, `</s>`, `<eos>`, `<bos>`; the unknown
   piece; sentinels) become single ids, and are what `skip_special_tokens` drops. Defaults: T5 appends EOS,
   Gemma prepends BOS (GemmaTokenizer's own defaults); `from_dir` follows tokenizer_config.json instead.
+  `special_tokens` adds tokens the tokenizer files declare special (Gemma 3's `<start_of_image>`, ...): each is
+  a piece of the model or, past the pieces, has its id in `added_tokens`; `named_tokens` maps their names in the
+  files (`boi_token`, `image_token`, ...) to their text.
   Known differences from transformers, none met with released vocabularies: user-defined pieces are not split
   out of the text in the T5 path; a T5 model with byte pieces, given their names (`<0x41>`) as text; a
   Gemma-style model whose normaliser is not the identity (transformers ignores it).
@@ -76,7 +79,9 @@ class SentencePieceTokenizer(_Tokenizer):
 
   def __init__(self, model_file: str | None = None, *, family: str = "t5", extra_ids: int | None = None,
                add_bos: bool | None = None, add_eos: bool | None = None,
-               clean_up_tokenization_spaces: bool = False, model_proto: bytes | None = None):
+               clean_up_tokenization_spaces: bool = False, model_proto: bytes | None = None,
+               special_tokens: Iterable[str] = (), added_tokens: dict[str, int] | None = None,
+               named_tokens: dict[str, str] | None = None):
     """From `model_file`, or from a serialized ModelProto (`model_proto`) when no file is given."""
     if family not in ("t5", "gemma"):
       raise ValueError(f"unknown tokenizer family {family!r} (expected 't5' or 'gemma')")
@@ -104,9 +109,15 @@ class SentencePieceTokenizer(_Tokenizer):
     self._specials = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
     for k in range(self.extra_ids):
       self._specials[f"<extra_id_{k}>"] = n + self.extra_ids - 1 - k
+    for token in special_tokens:
+      i = sp.piece_to_id(token) if self._is_piece(token) else (added_tokens or {}).get(token)
+      if i is not None:  # a token the files name but do not place gets no id (transformers would append one)
+        self._specials.setdefault(token, i)
     if not is_t5 and "<mask>" not in self._specials:
       # GemmaTokenizer always declares `<mask>`; absent from the model, it is appended as a new id.
-      self._specials["<mask>"] = sp.piece_to_id("<mask>") if self._is_piece("<mask>") else n
+      self._specials["<mask>"] = (sp.piece_to_id("<mask>") if self._is_piece("<mask>")
+                                  else max([n - 1, *self._specials.values()]) + 1)
+    self.named_tokens = dict(named_tokens or {})
     self._id_to_special = {i: s for s, i in self._specials.items()}
     self._split = _splitter(self._specials)
     if (self.add_bos and self.bos_id is None) or (self.add_eos and self.eos_id is None):
@@ -149,6 +160,12 @@ class SentencePieceTokenizer(_Tokenizer):
   def bos_id(self) -> int | None:
     """None for T5 (it has no BOS); Gemma's `<bos>`."""
     return None if self.family == "t5" else self._special_id("<bos>", self._sp.bos_id())
+
+  def token_id(self, token: str) -> int | None:
+    """Id of `token` when it is a single token here (a special token or a piece of the model), else None."""
+    if token in self._specials:
+      return self._specials[token]
+    return self._sp.piece_to_id(token) if self._is_piece(token) else None
 
   def sentinel_id(self, n: int) -> int:
     """Id of `<extra_id_n>`; sentinels count down from `sentinel_id(0)` as T5 span corruption expects."""
@@ -207,14 +224,20 @@ class SentencePieceTokenizer(_Tokenizer):
   def from_dir(cls, model_dir: str, family: str) -> "SentencePieceTokenizer":
     """The tokenizer in `model_dir` (`spiece.model` for T5, `tokenizer.model` for Gemma), configured by
     `tokenizer_config.json` when present: `add_bos_token`/`add_eos_token` (Gemma only; without them
-    GemmaTokenizer built from the model file adds neither), `extra_ids`, `clean_up_tokenization_spaces`."""
+    GemmaTokenizer adds what tokenizer.json's post-processor adds, or nothing without one), `extra_ids`,
+    `clean_up_tokenization_spaces`; for Gemma also the special tokens the files declare (see
+    `_declared_special_tokens`)."""
     name = "spiece.model" if family == "t5" else "tokenizer.model"
     cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
     kwargs = {"clean_up_tokenization_spaces": bool(cfg.get("clean_up_tokenization_spaces", False))}
     if family == "t5":
       kwargs["extra_ids"] = int(cfg.get("extra_ids", 100))
     else:
-      kwargs.update(add_bos=bool(cfg.get("add_bos_token", False)), add_eos=bool(cfg.get("add_eos_token", False)))
+      if "add_bos_token" in cfg or "add_eos_token" in cfg:
+        kwargs.update(add_bos=bool(cfg.get("add_bos_token", False)), add_eos=bool(cfg.get("add_eos_token", False)))
+      else:  # transformers keeps the BOS/EOS template of tokenizer.json then
+        kwargs.update(zip(("add_bos", "add_eos"), _template_bos_eos(model_dir)))
+      kwargs.update(_declared_special_tokens(model_dir, cfg))
     return cls(os.path.join(model_dir, name), family=family, **kwargs)
 
   @classmethod
@@ -319,6 +342,42 @@ def _t5_special_pieces(data: dict, cfg: dict, vocab: list, num_pieces: int) -> s
   return {i for i in special if i < num_pieces}
 
 
+def _template_bos_eos(model_dir: str) -> tuple[bool, bool]:
+  """Whether the TemplateProcessing post-processor of `model_dir/tokenizer.json` puts `<bos>` before and `<eos>`
+  after a single text (False, False without one)."""
+  post = _read_json(os.path.join(model_dir, "tokenizer.json")).get("post_processor") or {}
+  for step in post.get("processors", []) if post.get("type") == "Sequence" else [post]:
+    if step.get("type") == "TemplateProcessing":
+      items = [("A", None) if "Sequence" in item else ("S", item.get("SpecialToken", {}).get("id"))
+               for item in step.get("single") or []]
+      a = [kind for kind, _ in items].index("A") if ("A", None) in items else len(items)
+      return ("S", "<bos>") in items[:a], ("S", "<eos>") in items[a + 1:]
+  return False, False
+
+
+def _declared_special_tokens(model_dir: str, cfg: dict) -> dict:
+  """`special_tokens`, `added_tokens` and `named_tokens` of SentencePieceTokenizer as a Gemma directory's files
+  declare them, read the way transformers 5 reads them: named `*_token` keys of tokenizer_config.json (and of its
+  `model_specific_special_tokens` / `extra_special_tokens` dicts; special_tokens_map.json fills gaps), the entries
+  of an `extra_special_tokens` list, and the added tokens marked special in `added_tokens_decoder` and
+  tokenizer.json, whose ids also place tokens past the SentencePiece pieces (Gemma 3's `<image_soft_token>`)."""
+  smap = _read_json(os.path.join(model_dir, "special_tokens_map.json"))
+  data = _read_json(os.path.join(model_dir, "tokenizer.json"))
+  named = {}
+  extra = cfg.get("extra_special_tokens", cfg.get("additional_special_tokens"))
+  for source in (cfg, cfg.get("model_specific_special_tokens"), extra, smap):
+    for key, value in (source.items() if isinstance(source, dict) else ()):
+      if key.endswith("_token") and isinstance(value, (str, dict)) and _token_text(value):
+        named.setdefault(key, _token_text(value))
+  lists = (extra, smap.get("extra_special_tokens"), smap.get("additional_special_tokens"))
+  special = list(named.values()) + [_token_text(t) for tokens in lists if isinstance(tokens, list) for t in tokens]
+  added = [(t.get("content"), int(i), t.get("special")) for i, t in (cfg.get("added_tokens_decoder") or {}).items()]
+  added += [(t.get("content"), t.get("id"), t.get("special")) for t in data.get("added_tokens") or []]
+  special += [content for content, _, is_special in added if is_special]
+  return {"special_tokens": special, "added_tokens": {content: i for content, i, _ in added},
+          "named_tokens": named}
+
+
 def _token_text(token) -> str:
   """A token as tokenizer_config.json writes it: a string, or a serialized AddedToken dict."""
   return token.get("content", "") if isinstance(token, dict) else str(token)
@@ -414,7 +473,10 @@ def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _model_type(model_dir: str) -> str | None:

@@ -235,13 +235,16 @@ def _check_represented(family: Family, config, hf_config: dict, tensor_names: se
                           "it cannot be exported")
 
 
-# Files that travel with the weights so that the tokenizer (and generation defaults) load from either format.
+# Files that travel with the weights so that the tokenizer, the image processor (t5x_lite.vision: transformers 5
+# nests it in processor_config.json, older checkpoints have preprocessor_config.json) and the generation defaults
+# load from either format.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.json", "generation_config.json")
+                   "tokenizer.json", "generation_config.json") + PROCESSOR_FILES
 
 
 def tokenizer_files(model_dir: str | None) -> dict[str, bytes]:
-  """The tokenizer files present in `model_dir`, name -> bytes."""
+  """The tokenizer and processor files present in `model_dir`, name -> bytes."""
   out = {}
   for name in TOKENIZER_FILES if model_dir else ():
     path = os.path.join(model_dir, name)
