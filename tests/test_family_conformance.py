@@ -214,3 +214,16 @@ def test_sharded_equals_unsharded(logit_case):
   sharded_params = jax.device_put(params, sharding.tree_shardings(mesh, axes_tree(specs), specs))
   sharded = Model(config, sharded_params, mesh=mesh).logits(ids, mask, decoder)
   np.testing.assert_allclose(sharded, single, rtol=0, atol=5e-6 * float(np.abs(single).max()))
+
+
+def test_adafactor_knows_every_parameter(case):
+  """Every parameter's logical axes have an Adafactor factoring role (training/adafactor.py LOGICAL_FACTOR_RULES),
+  without a ROW + COLUMN + unfactored mix; with min_dim_size_to_factor 1 every kernel with input and output axes
+  is factored, over a layer axis where it has one."""
+  from t5x_lite.models.params import axes_tree  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import adafactor  # pylint: disable=import-outside-toplevel
+  config, family, params = case
+  opt = adafactor.adafactor(0.1, param_axes=axes_tree(family.param_specs(config)), min_dim_size_to_factor=1)
+  state = jax.eval_shape(opt.init, params)
+  kernels = [x for x in jax.tree.leaves(state.v_row) if x.shape != (1,) * len(x.shape)]
+  assert kernels, "no parameter was factored"
