@@ -102,11 +102,11 @@ def follow_params(tree, params) -> object:
   ShapeDtypeStructs carrying shardings): a leaf whose path ends with a parameter's path takes
     * that parameter's sharding when it has its shape (Adam's moments, Adafactor's unfactored second moment);
     * when it has the parameter's rank with some dimensions reduced to 1 (training/adafactor.py's factored row /
-      column statistics, e.g. (L, D, 1, 1) and (L, 1, N, H) of an (L, D, N, H) kernel): that sharding on the dimensions
-      kept, and the mesh axes of the reduced dimensions moved onto the largest kept unsharded dimension they divide,
-      so that a statistic is spread over as many devices as its parameter instead of being replicated over the axes
-      its reduction freed (a (24, 1, 64, 64) column statistic of a kernel sharded (None, fsdp, None, None) on fsdp:64
-      is held 1/64 per device, not whole);
+      column statistics, e.g. (L, D, 1, 1) and (L, 1, N, H) of an (L, D, N, H) kernel): that sharding on the
+      dimensions kept, and the mesh axes of the reduced dimensions moved onto a kept dimension they divide (an
+      unsharded one first), so that a statistic is spread over as many devices as its parameter instead of being
+      replicated over the axes its reduction freed (a (24, 1, 64, 64) column statistic of a kernel sharded
+      (None, fsdp, None, None) on fsdp:64 is held 1/64 per device, not whole);
     * that sharding without one dimension when it is the parameter with that dimension removed (optax.adafactor's
       factored statistics);
   anything else (step counts) is replicated. Left to sharding propagation, XLA replicated the whole optimizer state:
@@ -141,13 +141,15 @@ def follow_params(tree, params) -> object:
 def _reduced_spec(spec: tuple, shape: tuple[int, ...], owner_shape: tuple[int, ...],
                   mesh_shape: dict[str, int]) -> PartitionSpec:
   """The spec of a statistic of shape `shape` (the parameter's `owner_shape`, some dimensions reduced to 1) from
-  its parameter's `spec`: kept dimensions keep their mesh axes; each mesh axis of a reduced dimension goes to the
-  largest kept dimension that is unsharded so far and that the axis divides (else it is left unused)."""
+  its parameter's `spec`: kept dimensions keep their mesh axes; each mesh axis of a reduced dimension joins the kept
+  dimension it still divides, an unsharded one first, the largest first (else it is left unused)."""
   reduced = [d for d, (n, m) in enumerate(zip(shape, owner_shape)) if n == 1 and m != 1]
-  out = [None if d in reduced else entry for d, entry in enumerate(spec)]
-  freed = [a for d in reduced for a in ((spec[d],) if isinstance(spec[d], str) else spec[d] or ())]
-  for axis in freed:
-    free = [d for d in range(len(shape)) if out[d] is None and shape[d] > 1 and shape[d] % mesh_shape[axis] == 0]
-    if free:
-      out[max(free, key=lambda d: shape[d])] = axis
-  return PartitionSpec(*out)
+  axes_of = lambda entry: (entry,) if isinstance(entry, str) else tuple(entry or ())  # noqa: E731
+  out = [() if d in reduced else axes_of(entry) for d, entry in enumerate(spec)]
+  for axis in (a for d in reduced for a in axes_of(spec[d])):
+    fits = [d for d in range(len(shape)) if d not in reduced and shape[d] > 1
+            and shape[d] % (math.prod(mesh_shape[a] for a in out[d]) * mesh_shape[axis]) == 0]
+    if fits:
+      d = max(fits, key=lambda d: (not out[d], shape[d]))
+      out[d] += (axis,)
+  return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in out))
