@@ -141,7 +141,8 @@ def inspect_run(mesh_spec: str | None = None, device_memory: int | None = None) 
   activations = memory.activation_bytes(
       stacks, rows=rows, remat=config.remat, dtype_bytes=jnp.dtype(config.dtype).itemsize,
       tensor=mesh_shape["tensor"], logits_positions=lengths["decoder_segment_ids" if config.is_encoder_decoder
-                                                           else "segment_ids"], vocab=config.vocab_size)
+                                                           else "segment_ids"], vocab=config.vocab_size,
+      frozen=frozen)
 
   per_device = {
       "params": memory.tree_bytes_per_device(params, param_shardings),

@@ -230,8 +230,9 @@ def test_adafactor_knows_every_parameter(case):
 
 
 def test_activation_stacks_cover_every_stacked_layer(case):
-  """Family.activation_stacks (memory estimates, training/memory.py) names every stack of layers of the specs, with
-  the lengths of the batch features forward_flops_per_token counts (and the vision tower's with image slots)."""
+  """Family.activation_stacks (memory estimates, training/memory.py) names every stack of layers of the specs by its
+  params path, with its depth, for the lengths of the batch features forward_flops_per_token counts (and the vision
+  tower's with image slots)."""
   from t5x_lite.models.params import is_spec  # pylint: disable=import-outside-toplevel
   config, family, _ = case
   lengths = {key: 7 + i for i, key in enumerate(family.forward_flops_per_token(config))}
@@ -240,8 +241,8 @@ def test_activation_stacks_cover_every_stacked_layer(case):
   for path, spec in jax.tree_util.tree_leaves_with_path(family.param_specs(config), is_leaf=is_spec):
     if spec.axes[0] == "layers":
       keys = [str(getattr(k, "key", k)) for k in path]
-      groups[tuple(keys[:keys.index("layers")])] = spec.shape[0]
-  assert sum(s.num_layers for s in stacks) == sum(groups.values()), (stacks, groups)
+      groups["/".join(keys[:keys.index("layers") + 1])] = spec.shape[0]
+  assert {s.path: s.num_layers for s in stacks} == groups
   for s in stacks:
     assert s.length > 0 and s.d_model > 0 and s.mlp_dim > 0 and s.attention and s.rows >= 1
     assert all(a.keys > 0 and a.heads % a.kv_heads == 0 for a in s.attention)

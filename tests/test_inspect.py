@@ -167,11 +167,28 @@ def test_device_memory_sizes(text, size):
 
 
 def test_command_line(tmp_path):
-  """The module runs as `python -m t5x_lite.inspect` from any directory, run files' includes resolved."""
-  (tmp_path / "run.gin").write_text("include 'configs/runs/demo.gin'\n")
+  """The module runs as `python -m t5x_lite.inspect` from any directory, the includes of a gin file resolved."""
+  (tmp_path / "run.gin").write_text("include 'configs/models/t5_1_1_small.gin'\nDataConfig.batch_size = 8\n")
   r = subprocess.run([sys.executable, "-m", "t5x_lite.inspect", "run.gin", "--mesh", "data:2"], cwd=tmp_path,
                      env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
-  assert out["fits"] is None and out["per_device_bytes"]["total"] > out["per_device_bytes"]["params"] > 0
+  assert out["params"] == 76_961_152 and out["fits"] is None  # t5-v1_1-small
+  assert out["per_device_bytes"]["params"] == 4 * 76_961_152 and out["batch"]["rows_per_device"] == 4
   assert out["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+
+
+def test_a_frozen_stack_keeps_nothing_for_the_backward_pass():
+  """train.frozen = ["vision"]: the tower's layers keep no residuals; its forward working set (one attention's
+  float32 logits and its output, for all its rows) is the transient if it is the largest."""
+  from t5x_lite.models.layers import Attention, Stack  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training.memory import activation_bytes, layer_residuals  # pylint: disable=import-outside-toplevel
+  text = Stack(2, 8, 16, (Attention(8, 2, 2, 8),), 32, 2, path="encoder/layers")
+  vision = Stack(3, 64, 16, (Attention(64, 2, 2, 8),), 32, 1, rows=4, path="vision/layers")
+  args = dict(rows=2, remat="none", dtype_bytes=2, tensor=1, logits_positions=8, vocab=100)
+  trained = activation_bytes((text, vision), **args)
+  frozen = activation_bytes((text, vision), **args, frozen=("vision",))
+  text_saved = 2 * 2 * (layer_residuals(text, "none", 1) * 2 + 8 * 2 * 4)
+  assert frozen["saved"] == text_saved < trained["saved"]
+  assert frozen["transient"] == 2 * 4 * (2 * 64 * 64 * 4 + 64 * 16 * 2)
+  assert frozen["logits"] == trained["logits"] == 2 * 2 * 8 * 100 * 4

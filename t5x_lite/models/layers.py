@@ -20,7 +20,8 @@ class Stack(NamedTuple):
   """A stack of identical layers as a training batch runs it, for memory estimates (t5x_lite/training/memory.py):
   each of `num_layers` layers runs its `attention`s over `length` positions of every row, then an MLP of width
   `mlp_dim` with `mlp_inputs` input projections (2: gated). `rows`: rows of the stack per batch row (the image
-  slots of a vision tower; 1 for a text stack)."""
+  slots of a vision tower; 1 for a text stack). `path`: where its layers' params are ("encoder/layers"), so that a
+  frozen stack (train.frozen) is known to keep nothing for the backward pass."""
   num_layers: int
   length: int
   d_model: int
@@ -28,6 +29,7 @@ class Stack(NamedTuple):
   mlp_dim: int
   mlp_inputs: int
   rows: int = 1
+  path: str = "layers"
 
 
 REMAT_POLICIES = {

@@ -276,10 +276,11 @@ def activation_stacks(config: T5Config, lengths: dict[str, int]) -> tuple[Stack,
   N, H, D = config.num_heads, config.head_dim, config.d_model
   S = lengths["encoder_segment_ids"]
   mlp_shape = (config.d_ff, 2 if config.mlp_gated else 1)
-  stacks = [Stack(config.num_encoder_layers, S, D, (Attention(S, N, N, H),), *mlp_shape)]
+  stacks = [Stack(config.num_encoder_layers, S, D, (Attention(S, N, N, H),), *mlp_shape, path="encoder/layers")]
   if config.is_encoder_decoder:
     T = lengths["decoder_segment_ids"]
-    stacks.append(Stack(config.num_decoder_layers, T, D, (Attention(T, N, N, H), Attention(S, N, N, H)), *mlp_shape))
+    stacks.append(Stack(config.num_decoder_layers, T, D, (Attention(T, N, N, H), Attention(S, N, N, H)), *mlp_shape,
+                        path="decoder/layers"))
   return tuple(stacks)
 
 

@@ -192,14 +192,14 @@ def activation_stacks(config: T5Gemma2Config, lengths: dict[str, int]) -> tuple[
   the vision tower over each slot's Q patches."""
   dec, vision = config.decoder, config.vision
   S, T = lengths["encoder_segment_ids"], lengths["decoder_segment_ids"]
-  stacks = [*gemma.activation_stacks(config.encoder, {"segment_ids": S}),
+  stacks = [gemma.activation_stacks(config.encoder, {"segment_ids": S})[0]._replace(path="encoder/layers"),
             Stack(dec.num_layers, T, dec.d_model, (Attention(T + S, dec.num_heads, dec.num_kv_heads, dec.head_dim),),
-                  dec.d_ff, 2)]
+                  dec.d_ff, 2, path="decoder/layers")]
   if lengths.get("images"):
     Q, heads = vision.patches_per_side ** 2, vision.num_heads
     stacks.append(Stack(vision.num_layers, Q, vision.hidden_size,
                         (Attention(Q, heads, heads, vision.hidden_size // heads),), vision.intermediate_size, 1,
-                        rows=lengths["images"]))
+                        rows=lengths["images"], path="vision/layers"))
   return tuple(stacks)
 
 

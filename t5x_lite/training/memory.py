@@ -63,7 +63,7 @@ def layer_residuals(stack: Stack, remat: str, tensor: int) -> int:
 
 
 def activation_bytes(stacks: tuple[Stack, ...], *, rows: int, remat: str, dtype_bytes: int, tensor: int,
-                     logits_positions: int, vocab: int) -> dict[str, int]:
+                     logits_positions: int, vocab: int, frozen: tuple[str, ...] = ()) -> dict[str, int]:
   """Estimated activation bytes per device for `rows` batch rows per device (a microbatch's share):
 
     saved      = sum_stacks rows x stack.rows x L x layer_residuals(remat) x dtype_bytes
@@ -73,11 +73,17 @@ def activation_bytes(stacks: tuple[Stack, ...], *, rows: int, remat: str, dtype_
                  x 4 (float32 logits recomputed, and their gradient), plus with remat dots / full that layer's
                  residuals, recomputed (layer_residuals("none"))
     logits     = 2 x rows x logits_positions x V / t x 4 (the head's float32 logits and their gradient)
-  and `total`, their sum.
+  and `total`, their sum. A stack under a `frozen` params path (train.frozen: "vision") gets no gradient, so it
+  keeps nothing for the backward pass: only its forward working set counts as transient, rows x stack.rows x
+  (N / t x s x keys x 4 + s x D x dtype_bytes) (one attention's float32 logits, and its output).
   """
   saved = transient = 0
   for stack in stacks:
     n = rows * stack.rows
+    if any(f"{stack.path}/".startswith(f"{prefix.strip('/')}/") for prefix in frozen):
+      transient = max(transient, n * max((a.heads // _split(a.heads, tensor)) * stack.length * a.keys * 4
+                                         for a in stack.attention) + n * stack.length * stack.d_model * dtype_bytes)
+      continue
     saved += n * stack.num_layers * layer_residuals(stack, remat, tensor) * dtype_bytes
     if remat == "none":
       heads = sum(a.heads // _split(a.heads, tensor) for a in stack.attention)
