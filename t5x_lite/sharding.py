@@ -99,27 +99,57 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 def follow_params(tree, params) -> object:
   """Shardings for a tree of arrays kept per parameter (an optimizer state), from `params` (arrays or
-  ShapeDtypeStructs carrying shardings): a leaf whose path ends with a parameter's path takes that parameter's
-  sharding when it has its shape (Adam's moments), or that sharding without one dimension when it is the parameter
-  with that dimension reduced (Adafactor's factored row / column statistics); anything else (step counts) is
-  replicated. Left to sharding propagation, XLA replicated the whole optimizer state: every device held all of
-  it, and the train step, whose outputs came back sharded, compiled a second time at step 2.
+  ShapeDtypeStructs carrying shardings): a leaf whose path ends with a parameter's path takes
+    * that parameter's sharding when it has its shape (Adam's moments, Adafactor's unfactored second moment);
+    * when it has the parameter's rank with some dimensions reduced to 1 (training/adafactor.py's factored row /
+      column statistics, e.g. (L, D, 1, 1) and (L, 1, N, H) of an (L, D, N, H) kernel): that sharding on the
+      dimensions kept, and the mesh axes of the reduced dimensions moved onto a kept dimension they divide (an
+      unsharded one first), so that a statistic is spread over as many devices as its parameter instead of being
+      replicated over the axes its reduction freed (a (24, 1, 64, 64) column statistic of a kernel sharded
+      (None, fsdp, None, None) on fsdp:64 is held 1/64 per device, not whole);
+    * that sharding without one dimension when it is the parameter with that dimension removed (optax.adafactor's
+      factored statistics);
+  anything else (step counts) is replicated. Left to sharding propagation, XLA replicated the whole optimizer state:
+  every device held all of it, and the train step, whose outputs came back sharded, compiled a second time at step 2.
   """
   by_path = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
   any_param = next(iter(by_path.values()))
-  replicated = NamedSharding(any_param.sharding.mesh, PartitionSpec())
+  mesh = any_param.sharding.mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
 
   def one(path, leaf):
     key = jax.tree_util.keystr(path)
-    owner = next((p for name, p in by_path.items() if key.endswith(name)), None)
+    # The longest parameter path the leaf's path ends with (a parameter path may end another one).
+    owner = max(((name, p) for name, p in by_path.items() if key.endswith(name)), key=lambda item: len(item[0]),
+                default=(None, None))[1]
     if owner is None:
       return replicated
-    spec = tuple(owner.sharding.spec) + (None,) * (len(owner.shape) - len(owner.sharding.spec))
-    if tuple(leaf.shape) == tuple(owner.shape):
+    shape, owner_shape = tuple(leaf.shape), tuple(owner.shape)
+    spec = tuple(owner.sharding.spec) + (None,) * (len(owner_shape) - len(owner.sharding.spec))
+    if shape == owner_shape:
       return owner.sharding
-    for dim in range(len(owner.shape)):
-      if tuple(leaf.shape) == tuple(owner.shape[:dim]) + tuple(owner.shape[dim + 1:]):
-        return NamedSharding(owner.sharding.mesh, PartitionSpec(*(spec[:dim] + spec[dim + 1:])))
+    if len(shape) == len(owner_shape) and all(n in (1, m) for n, m in zip(shape, owner_shape)):
+      return NamedSharding(mesh, _reduced_spec(spec, shape, owner_shape, dict(mesh.shape)))
+    for dim in range(len(owner_shape)):
+      if shape == owner_shape[:dim] + owner_shape[dim + 1:]:
+        return NamedSharding(mesh, PartitionSpec(*(spec[:dim] + spec[dim + 1:])))
     return replicated
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _reduced_spec(spec: tuple, shape: tuple[int, ...], owner_shape: tuple[int, ...],
+                  mesh_shape: dict[str, int]) -> PartitionSpec:
+  """The spec of a statistic of shape `shape` (the parameter's `owner_shape`, some dimensions reduced to 1) from
+  its parameter's `spec`: kept dimensions keep their mesh axes; each mesh axis of a reduced dimension joins the kept
+  dimension it still divides, an unsharded one first, the largest first (else it is left unused)."""
+  reduced = [d for d, (n, m) in enumerate(zip(shape, owner_shape)) if n == 1 and m != 1]
+  axes_of = lambda entry: (entry,) if isinstance(entry, str) else tuple(entry or ())  # noqa: E731
+  out = [() if d in reduced else axes_of(entry) for d, entry in enumerate(spec)]
+  for axis in (a for d in reduced for a in axes_of(spec[d])):
+    fits = [d for d in range(len(shape)) if d not in reduced and shape[d] > 1
+            and shape[d] % (math.prod(mesh_shape[a] for a in out[d]) * mesh_shape[axis]) == 0]
+    if fits:
+      d = max(fits, key=lambda d: (not out[d], shape[d]))
+      out[d] += (axis,)
+  return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in out))

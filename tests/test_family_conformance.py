@@ -214,3 +214,35 @@ def test_sharded_equals_unsharded(logit_case):
   sharded_params = jax.device_put(params, sharding.tree_shardings(mesh, axes_tree(specs), specs))
   sharded = Model(config, sharded_params, mesh=mesh).logits(ids, mask, decoder)
   np.testing.assert_allclose(sharded, single, rtol=0, atol=5e-6 * float(np.abs(single).max()))
+
+
+def test_adafactor_knows_every_parameter(case):
+  """Every parameter's logical axes have an Adafactor factoring role (training/adafactor.py LOGICAL_FACTOR_RULES),
+  without a ROW + COLUMN + unfactored mix; with min_dim_size_to_factor 1 every kernel with input and output axes
+  is factored, over a layer axis where it has one."""
+  from t5x_lite.models.params import axes_tree  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import adafactor  # pylint: disable=import-outside-toplevel
+  config, family, params = case
+  opt = adafactor.adafactor(0.1, param_axes=axes_tree(family.param_specs(config)), min_dim_size_to_factor=1)
+  state = jax.eval_shape(opt.init, params)
+  kernels = [x for x in jax.tree.leaves(state.v_row) if x.shape != (1,) * len(x.shape)]
+  assert kernels, "no parameter was factored"
+
+
+def test_activation_stacks_cover_every_stacked_layer(case):
+  """Family.activation_stacks (memory estimates, training/memory.py) names every stack of layers of the specs by its
+  params path, with its depth, for the lengths of the batch features forward_flops_per_token counts (and the vision
+  tower's with image slots)."""
+  from t5x_lite.models.params import is_spec  # pylint: disable=import-outside-toplevel
+  config, family, _ = case
+  lengths = {key: 7 + i for i, key in enumerate(family.forward_flops_per_token(config))}
+  stacks = family.activation_stacks(config, {**lengths, "images": 2})
+  groups = {}
+  for path, spec in jax.tree_util.tree_leaves_with_path(family.param_specs(config), is_leaf=is_spec):
+    if spec.axes[0] == "layers":
+      keys = [str(getattr(k, "key", k)) for k in path]
+      groups["/".join(keys[:keys.index("layers") + 1])] = spec.shape[0]
+  assert {s.path: s.num_layers for s in stacks} == groups
+  for s in stacks:
+    assert s.length > 0 and s.d_model > 0 and s.mlp_dim > 0 and s.attention and s.rows >= 1
+    assert all(a.keys > 0 and a.heads % a.kv_heads == 0 for a in s.attention)

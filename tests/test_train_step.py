@@ -11,6 +11,8 @@ from conftest import T5_TINY, build_hf
 from jax.sharding import PartitionSpec as P
 
 import t5x_lite
+from t5x_lite.models.params import axes_tree
+from t5x_lite.models.registry import family_of_config
 from t5x_lite.training import optimizers
 from t5x_lite.training.losses import cross_entropy
 from t5x_lite.training.step import loss_sums, make_train_step
@@ -53,6 +55,10 @@ def test_label_smoothing_and_z_loss():
   assert float(cross_entropy(logits, targets, w, label_smoothing=s)["loss"]) == pytest.approx(float(want), rel=1e-5)
 
 
+def _axes(config):
+  return axes_tree(family_of_config(config).param_specs(config))
+
+
 def _init(config, params, opt):
   return {"step": jnp.int32(0), "params": params, "opt_state": opt.init(params)}
 
@@ -61,7 +67,7 @@ def _init(config, params, opt):
 def test_accumulation_equals_one_big_batch(tmp_path, opt_name):
   build_hf(tf.T5ForConditionalGeneration, tf.T5Config(**T5_TINY, feed_forward_proj="gated-gelu"), tmp_path)
   model = t5x_lite.load(str(tmp_path), progress=False)
-  opt, sched = optimizers.make_optimizer(opt_name, "rsqrt")
+  opt, sched = optimizers.make_optimizer(opt_name, "rsqrt", param_axes=_axes(model.config))
   batch = jax.tree.map(jnp.asarray, _t5_batch(np.random.default_rng(2), B=8))
   one = jax.jit(make_train_step(model.config, opt, sched))
   four = jax.jit(make_train_step(model.config, opt, sched, accumulation_steps=4))

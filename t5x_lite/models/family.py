@@ -19,6 +19,10 @@ Its hooks (shape letters: t5x_lite/shapes.py):
           data/packing.py for the config's architecture); the loss reads targets and weights from the batch.
   forward_flops_per_token(config) -> {segment-id feature of a training batch: forward FLOPs per real token}
           (2 x the parameters a token passes through; attention scores are left out).
+  activation_stacks(config, lengths) -> tuple of layers.Stack: the stacks of identical layers a training batch runs,
+          with their positions per row and their attentions' key positions, for memory estimates
+          (training/memory.py); `lengths` maps the batch's segment-id features (forward_flops_per_token's keys) to
+          their lengths, and "images" to the image slots per row.
   check_inputs(config, input_ids_BS, decoder_input_ids_BT or None) -> None, or ValueError for inputs the task
           cannot read.
   image_rows(config, input_ids_BS, pixel_values_I3HW) -> (B, I, c, height, width): only for a family whose
@@ -74,6 +78,7 @@ class Family:
   decoder: Callable
   batch_logits: Callable
   forward_flops_per_token: Callable
+  activation_stacks: Callable
   encode: Callable | None = None
   check_inputs: Callable = _no_check
   image_rows: Callable | None = None

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from t5x_lite import sharding
 from t5x_lite.config.gemma import GemmaConfig
-from t5x_lite.models.layers import dense, embed, scan_layers, split_rng
+from t5x_lite.models.layers import Attention, Stack, dense, embed, scan_layers, split_rng
 from t5x_lite.models.params import ParamSpec, count_params
 from t5x_lite.nn import masks
 from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads
@@ -230,3 +230,11 @@ def forward_flops_per_token(config: GemmaConfig) -> dict[str, float]:
   matmul and lm_head is)."""
   specs = param_specs(config)
   return {"segment_ids": 2.0 * (count_params(specs) - (0 if config.tie_lm_head else count_params(specs["embed"])))}
+
+
+def activation_stacks(config: GemmaConfig, lengths: dict[str, int]) -> tuple[Stack, ...]:
+  """One stack over the T positions of a row; a sliding layer's logits are computed in full and masked, so every
+  layer attends to T keys."""
+  T = lengths["segment_ids"]
+  return (Stack(config.num_layers, T, config.d_model,
+                (Attention(T, config.num_heads, config.num_kv_heads, config.head_dim),), config.d_ff, 2),)

@@ -2,9 +2,35 @@
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+class Attention(NamedTuple):
+  """One attention of a layer, for memory estimates: its key positions per row and its heads (N query heads over
+  K key/value heads of width H)."""
+  keys: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+
+
+class Stack(NamedTuple):
+  """A stack of identical layers as a training batch runs it, for memory estimates (t5x_lite/training/memory.py):
+  each of `num_layers` layers runs its `attention`s over `length` positions of every row, then an MLP of width
+  `mlp_dim` with `mlp_inputs` input projections (2: gated). `rows`: rows of the stack per batch row (the image
+  slots of a vision tower; 1 for a text stack). `path`: where its layers' params are ("encoder/layers"), so that a
+  frozen stack (train.frozen) is known to keep nothing for the backward pass."""
+  num_layers: int
+  length: int
+  d_model: int
+  attention: tuple[Attention, ...]
+  mlp_dim: int
+  mlp_inputs: int
+  rows: int = 1
+  path: str = "layers"
+
 
 REMAT_POLICIES = {
     "none": None,

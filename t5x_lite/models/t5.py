@@ -22,8 +22,8 @@ from t5x_lite import sharding
 from t5x_lite.config import T5Config
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models.family import Decoder
-from t5x_lite.models.layers import (dense, embed, heads_from_feature_major, out_in_matrix, scan_layers, shift_right,
-                                   split_rng, unstack_layers)
+from t5x_lite.models.layers import (Attention, Stack, dense, embed, heads_from_feature_major, out_in_matrix,
+                                   scan_layers, shift_right, split_rng, unstack_layers)
 from t5x_lite.models.params import ParamSpec, count_params
 from t5x_lite.nn import masks
 from t5x_lite.nn.attention import cached_attention, dot_product_attention, merge_heads, project_heads
@@ -269,6 +269,19 @@ def forward_flops_per_token(config: T5Config) -> dict[str, float]:
   n_decoder = count_params(specs) - n_encoder - n_embed + (n_embed if config.task == "lm" and config.tie_lm_head
                                                            else 0)
   return {"encoder_segment_ids": 2.0 * n_encoder, "decoder_segment_ids": 2.0 * n_decoder}
+
+
+def activation_stacks(config: T5Config, lengths: dict[str, int]) -> tuple[Stack, ...]:
+  """The encoder over the inputs' S positions; the decoder over the targets' T, attending to T and to S."""
+  N, H, D = config.num_heads, config.head_dim, config.d_model
+  S = lengths["encoder_segment_ids"]
+  mlp_shape = (config.d_ff, 2 if config.mlp_gated else 1)
+  stacks = [Stack(config.num_encoder_layers, S, D, (Attention(S, N, N, H),), *mlp_shape, path="encoder/layers")]
+  if config.is_encoder_decoder:
+    T = lengths["decoder_segment_ids"]
+    stacks.append(Stack(config.num_decoder_layers, T, D, (Attention(T, N, N, H), Attention(S, N, N, H)), *mlp_shape,
+                        path="decoder/layers"))
+  return tuple(stacks)
 
 
 # -------------------------------------------------------------------------------- incremental decoding

@@ -24,7 +24,7 @@ from t5x_lite.config.t5gemma2 import T5Gemma2Config
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma, gemma_decode, siglip
 from t5x_lite.models.family import Decoder
-from t5x_lite.models.layers import dense, shift_right, unstack_layers
+from t5x_lite.models.layers import Attention, Stack, dense, shift_right, unstack_layers
 from t5x_lite.models.params import ParamSpec, count_params
 from t5x_lite.nn import masks
 from t5x_lite.nn.attention import project_heads
@@ -185,6 +185,22 @@ def forward_flops_per_token(config: T5Gemma2Config) -> dict[str, float]:
   cross_kv = 2 * dec.num_layers * dec.d_model * dec.num_kv_heads * dec.head_dim
   return {"encoder_segment_ids": 2.0 * (count_params(specs["encoder"]) + cross_kv),
           "decoder_segment_ids": 2.0 * (count_params(specs["decoder"]) + config.vocab_size * config.d_model)}
+
+
+def activation_stacks(config: T5Gemma2Config, lengths: dict[str, int]) -> tuple[Stack, ...]:
+  """The encoder over S positions; the decoder over T, its merged attention reading T + S keys; with image slots,
+  the vision tower over each slot's Q patches."""
+  dec, vision = config.decoder, config.vision
+  S, T = lengths["encoder_segment_ids"], lengths["decoder_segment_ids"]
+  stacks = [gemma.activation_stacks(config.encoder, {"segment_ids": S})[0]._replace(path="encoder/layers"),
+            Stack(dec.num_layers, T, dec.d_model, (Attention(T + S, dec.num_heads, dec.num_kv_heads, dec.head_dim),),
+                  dec.d_ff, 2, path="decoder/layers")]
+  if lengths.get("images"):
+    Q, heads = vision.patches_per_side ** 2, vision.num_heads
+    stacks.append(Stack(vision.num_layers, Q, vision.hidden_size,
+                        (Attention(Q, heads, heads, vision.hidden_size // heads),), vision.intermediate_size, 1,
+                        rows=lengths["images"], path="vision/layers"))
+  return tuple(stacks)
 
 
 def decoder(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, attention_mask_BS: jax.Array | None,

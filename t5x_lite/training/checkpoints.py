@@ -58,11 +58,41 @@ class RunCheckpoints:
     if legacy_data is None:
       items["data"] = grain.checkpoint.CheckpointRestore(batches)
     with readable(self.manager, step):
+      saved_opt_state = self.manager.item_metadata(step)["opt_state"]
+    self._check_optimizer_layout(step, saved_opt_state, abstract_state["opt_state"])
+    with readable(self.manager, step):
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if legacy_data is not None:
       with open(legacy_data) as f:
         batches.set_state(json.load(f))
     return {"step": step, "params": restored["params"], "opt_state": restored["opt_state"]}
+
+  def _check_optimizer_layout(self, step: int, saved, target) -> None:
+    """ValueError when the optimizer state saved at `step` (orbax's metadata tree) has other arrays or shapes than
+    this run's optimizer keeps (`target`): a run saved with another optimizer, or with the optax Adafactor used
+    before training/adafactor.py (one state per parameter, factored over the two largest axes only), whose
+    statistics cannot be turned into per-layer ones. Orbax would report it as a tree mismatch, which reads like a
+    damaged checkpoint."""
+    have, want = _leaf_shapes(saved), _leaf_shapes(target)
+    if have == want:
+      return
+    only_saved = sorted(set(have) - set(want))
+    only_run = sorted(set(want) - set(have))
+    if only_saved or only_run:
+      difference = "; ".join(part for part in (
+          f"{len(only_saved)} arrays only in the checkpoint (e.g. {only_saved[0]})" if only_saved else "",
+          f"{len(only_run)} only in this run's optimizer (e.g. {only_run[0]})" if only_run else "") if part)
+    else:
+      name = next(k for k in sorted(want) if have[k] != want[k])
+      difference = f"{name} has shape {have[name]} in the checkpoint and {want[name]} in this run's optimizer"
+    workdir = os.path.dirname(self.directory)
+    raise ValueError(
+        f"checkpoint step {step} in {self.directory}: its optimizer state does not fit this run's optimizer "
+        f"({difference}). It was saved with another optimizer (train.optimizer) or optimizer settings, or by a "
+        "t5x_lite before its T5X-style Adafactor (training/adafactor.py: second moments factored over the logical "
+        "axes, each layer of a stack on its own), whose optax Adafactor state cannot be converted. Resume with the "
+        "optimizer that saved it, or start a new workdir from its weights (the optimizer state starts afresh): "
+        f"--gin.train.init_params_from=\"'{workdir}'\"")
 
   def _data_state_file(self, step: int) -> str | None:
     """None when `step` holds this process's iterator state as grain writes it (data/process_<i>-of-<n>.json);
@@ -86,6 +116,17 @@ class RunCheckpoints:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{path "a/b/0": shape} of a tree's arrays; NamedTuple fields, dict keys and sequence indices alike (orbax's
+  metadata has dicts where the state has NamedTuples)."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {"/".join(map(name, path)): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def latest_step(workdir: str) -> int | None:

@@ -132,9 +132,11 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
       workdir_lib.warn_if_other_corpus(workdir, fingerprint)
     fingerprint = None  # the first start's stays
   mesh = sharding.make_mesh(mesh_spec or f"data:{jax.device_count()}")
-  opt, sched = optimizers.make_optimizer(optimizer, schedule)  # checks the optimizer's and schedule's settings
+  specs = family_of_config(config).param_specs(config)
+  # Checks the optimizer's and schedule's settings; Adafactor factors over the parameters' logical axes.
+  opt, sched = optimizers.make_optimizer(optimizer, schedule, param_axes=axes_tree(specs))
   frozen = settings["frozen"]
-  labels = optimizers.frozen_labels(family_of_config(config).param_specs(config), frozen) if frozen else None
+  labels = optimizers.frozen_labels(specs, frozen) if frozen else None
   if labels is not None:
     opt = optimizers.with_frozen(opt, labels)
   batches = make_batches(data, tokenizer, documents=documents, processor=processor)  # checks every document

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from t5x_lite.config.fields import checked_arguments
+from t5x_lite.training import adafactor as adafactor_lib
 
 
 @gin.configurable
@@ -31,16 +32,24 @@ def cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000, 
                                             peak_learning_rate * final_fraction)
 
 
-@gin.configurable
+@gin.configurable(denylist=["param_axes"])
 @checked_arguments
-def adafactor(schedule, *, decay_rate: float = 0.8, clipping_threshold: float | None = 1.0,
-              multiply_by_parameter_scale: bool = True, factored: bool = True, momentum: float | None = None,
+def adafactor(schedule, *, param_axes=None, decay_rate: float = 0.8, step_offset: int = 0, epsilon1: float = 1e-30,
+              epsilon2: float = 1e-3, clipping_threshold: float | None = 1.0, multiply_by_parameter_scale: bool = True,
+              factored: bool = True, min_dim_size_to_factor: int = 128, momentum: float | None = None,
               weight_decay_rate: float | None = None):
-  """Adafactor with T5X's defaults: factored second moments, decay 0.8, update clipping at 1.0, updates scaled
-  by the parameter RMS, no momentum."""
-  return optax.adafactor(learning_rate=schedule, decay_rate=decay_rate, clipping_threshold=clipping_threshold,
-                         multiply_by_parameter_scale=multiply_by_parameter_scale, factored=factored,
-                         momentum=momentum, weight_decay_rate=weight_decay_rate)
+  """T5X's Adafactor (training/adafactor.py) with its defaults: second moments factored over the logical axes
+  `param_axes` (the params' `axes_tree`; each layer of a stack kept apart), decay 1 - t^-0.8, update clipping at
+  1.0, updates scaled by each layer's parameter RMS, no momentum, no weight decay."""
+  if clipping_threshold is not None and clipping_threshold <= 0:
+    raise ValueError(f"adafactor.clipping_threshold must be > 0 or None, got {clipping_threshold}")
+  if momentum is not None and not 0 <= momentum < 1:
+    raise ValueError(f"adafactor.momentum must be in [0, 1) or None, got {momentum}")
+  return adafactor_lib.adafactor(
+      schedule, param_axes=param_axes, decay_rate=decay_rate, step_offset=step_offset, epsilon1=epsilon1,
+      epsilon2=epsilon2, clipping_threshold=clipping_threshold, multiply_by_parameter_scale=multiply_by_parameter_scale,
+      factored=factored, min_dim_size_to_factor=min_dim_size_to_factor, momentum=momentum,
+      weight_decay_rate=weight_decay_rate)
 
 
 @gin.configurable
@@ -52,17 +61,18 @@ def adamw(schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, we
   return opt if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
 
 
-@gin.configurable
+@gin.configurable(denylist=["param_axes"])
 @checked_arguments
-def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt"):
-  """(optax optimizer, schedule fn) by name: adafactor | adamw, rsqrt | cosine."""
+def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt", *, param_axes=None):
+  """(optax optimizer, schedule fn) by name: adafactor | adamw, rsqrt | cosine. `param_axes`: the params' logical
+  axes (`models.params.axes_tree(specs)`), which Adafactor factors its second moments over."""
   schedules = {"rsqrt": rsqrt_schedule, "cosine": cosine_schedule}
   optimizers = {"adafactor": adafactor, "adamw": adamw}
   if name not in optimizers or schedule not in schedules:
     raise ValueError(f"optimizer must be one of {list(optimizers)} and schedule one of {list(schedules)}, "
                      f"got {name!r}, {schedule!r}")
   sched = schedules[schedule]()
-  return optimizers[name](sched), sched
+  return (adafactor(sched, param_axes=param_axes) if name == "adafactor" else optimizers[name](sched)), sched
 
 
 def frozen_labels(params, frozen: Sequence[str]):
