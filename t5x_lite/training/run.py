@@ -20,7 +20,8 @@ from t5x_lite.tokenizer import load_tokenizer
 from t5x_lite.training.loop import train
 
 # The data config is a plain dataclass of the data package (which knows nothing of gin); bind it here.
-gin.external_configurable(pipeline.DataConfig, "DataConfig")
+_BoundDataConfig = gin.external_configurable(pipeline.DataConfig, "DataConfig")
+
 
 def _train_sentencepiece(texts: list[str], vocab_size: int, seed: int) -> bytes:
   """A T5-layout unigram model (<pad>=0, </s>=1, <unk>=2, no BOS) trained on `texts`, serialised."""
@@ -69,12 +70,15 @@ def unigram_entropy(tokenizer, texts: list[str]) -> float:
 @gin.configurable(denylist=["workdir"])
 def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), tokenizer_dir: str | None = None,
         tokenizer_family: str = "t5", spm_vocab_size: int = 2000, max_documents: int | None = None,
-        sample_prompts: tuple[str, ...] = (), sample_max_new_tokens: int = 24, seed: int = 0) -> dict:
+        sample_prompts: tuple[str, ...] = (), sample_max_new_tokens: int = 24, report_spans: bool = False,
+        seed: int = 0) -> dict:
   """corpus "stdlib": the installed standard library's docstrings with a sentencepiece model trained on them
   (kept in WORKDIR so a resumed run reuses it); "files": `files` (text/JSONL) with the tokenizer in
   `tokenizer_dir` (`tokenizer_family` "t5" reads spiece.model, "gemma" tokenizer.model; its image processor
   files, where it has them, read the images of image+text records: DataConfig.max_images). After training, the
-  latest checkpoint is loaded and greedy-decodes `sample_prompts`.
+  latest checkpoint is loaded and greedy-decodes `sample_prompts`; `report_spans` (a span-corruption / UL2 run of
+  an encoder-decoder on a text corpus) prints what it learned: held-out span filling against n-gram baselines, with
+  filled samples (span_report.py), also written to WORKDIR/span_report.json.
 
   Plain-text corpora hold out ~2% of their lines (by content hash) as the eval split that `train.eval_every`
   reads; JSONL records are all trained on (no eval split). A rerun on documents other than the first run's
@@ -120,6 +124,8 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), to
       with open(stats_path) as f:
         print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
               f"final train loss {metrics['loss']:.3f}", file=sys.stderr)
+  if report_spans and jax.process_index() == 0:
+    write_span_report(workdir, tokenizer, train_docs, eval_docs)
   if sample_prompts and jax.process_index() == 0:
     samples = generate_samples(workdir, sample_prompts, sample_max_new_tokens)
     for s in samples:
@@ -145,3 +151,20 @@ def generate_samples(workdir: str, prompts, max_new_tokens: int) -> list[dict]:
   with open(os.path.join(workdir, "samples.jsonl"), "w") as f:
     f.writelines(json.dumps(s) + "\n" for s in samples)
   return samples
+
+
+def write_span_report(workdir: str, tokenizer, train_texts, held_out_texts) -> dict:
+  """span_report.py on the run's latest checkpoint and its held-out texts, printed and kept in the workdir."""
+  from t5x_lite.model import load  # pylint: disable=import-outside-toplevel
+  from t5x_lite.training import span_report  # pylint: disable=import-outside-toplevel
+  model = load(workdir, progress=False)
+  mixture = pipeline.make_mixture(_BoundDataConfig(), tokenizer)
+  try:
+    report = span_report.span_report(model, mixture, train_texts, held_out_texts)
+  except ValueError as e:  # a corpus too small to hold text out (JSONL records have no eval split)
+    print(f"no span-filling report: {e}", file=sys.stderr)
+    return {}
+  with open(os.path.join(workdir, "span_report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  print(span_report.format_report(report), file=sys.stderr)
+  return report

@@ -1,0 +1,156 @@
+"""What a span-corruption / UL2 pretraining run learned, in a form a person reads: filling the blanks of held-out
+text, against baselines that need no model.
+
+Held-out documents are corrupted the way the mixture's first denoiser corrupts training text (UL2's R task: spans
+of mean 3 tokens over 15% of a piece, with its [NLU] mode token; T5's span corruption), and the model's argmax at
+each masked token, reading the true tokens before it (teacher forcing, as the loss does), is compared with:
+  - the unigram baseline: always the most frequent token of the training text;
+  - the bigram baseline: the token that most often follows the previous one in the training text (the token
+    before a span is the one before its sentinel in the input).
+Sentinels and EOS are left out of every count: a model gets them right by copying the input's order. A few held-out
+sentences with their blanks filled by greedy decoding go with the numbers.
+"""
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from t5x_lite.data.pipeline import token_ids
+from t5x_lite.data.ul2 import Mixture, ul2_example
+from t5x_lite.models.layers import shift_right
+
+
+def _first_task(mixture: Mixture) -> Mixture:
+  """The mixture's first span-corruption task alone, with the same budget and sentinels."""
+  task = next(d for d in mixture.denoisers if not d.is_prefix_lm)
+  return Mixture((task,), first_sentinel_id=mixture.first_sentinel_id, inputs_length=mixture.inputs_length,
+                 targets_length=mixture.targets_length, num_sentinels=mixture.num_sentinels, eos_id=mixture.eos_id)
+
+
+def _is_sentinel(ids: np.ndarray, mixture: Mixture) -> np.ndarray:
+  return (ids <= mixture.first_sentinel_id) & (ids > mixture.first_sentinel_id - mixture.num_sentinels)
+
+
+def _previous_tokens(inputs: np.ndarray, targets: np.ndarray, mixture: Mixture) -> np.ndarray:
+  """For each target token, the token before it in the original text: the previous target token inside a span;
+  for a span's first token, the input token before that span's sentinel (-1 when the span opens the text)."""
+  before_sentinel = {int(s): int(inputs[k - 1]) if k > 0 and not _is_sentinel(inputs[k - 1:k], mixture)[0] else -1
+                     for k, s in enumerate(inputs) if _is_sentinel(inputs[k:k + 1], mixture)[0]}
+  previous = np.full(len(targets), -1)
+  for k in range(1, len(targets)):
+    prev = int(targets[k - 1])
+    previous[k] = before_sentinel.get(prev, -1) if _is_sentinel(targets[k - 1:k], mixture)[0] else prev
+  return previous
+
+
+def _ngram_tables(tokenizer, texts, limit: int = 20_000) -> tuple[int, dict]:
+  unigram, bigram = Counter(), defaultdict(Counter)
+  for text in texts[:limit]:
+    ids = token_ids(tokenizer, text)
+    unigram.update(ids)
+    for a, b in zip(ids, ids[1:]):
+      bigram[a][b] += 1
+  top = unigram.most_common(1)[0][0]
+  return top, {a: c.most_common(1)[0][0] for a, c in bigram.items()}
+
+
+def span_report(model, mixture: Mixture, train_texts, held_out_texts, *, examples: int = 256, samples: int = 4,
+                seed: int = 0, batch_size: int = 64) -> dict:
+  """Held-out span filling: {"masked_tokens", "accuracy", "unigram_baseline", "bigram_baseline", "samples": [{
+  "text": the held-out text with its blanks as [1], [2], ..., "model": [fills], "truth": [fills]}]}."""
+  tokenizer, task = model.tokenizer, _first_task(mixture)
+  rows = []
+  for i, text in enumerate(held_out_texts):
+    ids = token_ids(tokenizer, text)
+    if len(ids) >= 8:
+      rows.append(ul2_example(ids, task, seed=(seed, i)))
+    if len(rows) == examples:
+      break
+  if not rows:
+    raise ValueError("no held-out text of 8 tokens or more to report on")
+  top, follows = _ngram_tables(tokenizer, train_texts)
+  pad = model.config.pad_token_id
+  correct = unigram = bigram = total = 0
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    inputs, mask = _padded([r.inputs for r in chunk], pad)
+    targets, target_mask = _padded([r.targets for r in chunk], pad)
+    decoder_in = np.asarray(shift_right(targets, model.config.decoder_start_token_id, pad))
+    predicted = model.logits(inputs, mask, decoder_in, target_mask).argmax(-1)
+    for row, r in enumerate(chunk):
+      t = np.asarray(r.targets)
+      scored = ~_is_sentinel(t, mixture) & (t != mixture.eos_id)
+      previous = _previous_tokens(np.asarray(r.inputs), t, mixture)
+      correct += int(np.sum((predicted[row, :len(t)] == t) & scored))
+      unigram += int(np.sum((t == top) & scored))
+      bigram += int(sum(follows.get(int(p), top) == int(x) for p, x, s in zip(previous, t, scored) if s))
+      total += int(scored.sum())
+  return {"masked_tokens": total, "accuracy": correct / total, "unigram_baseline": unigram / total,
+          "bigram_baseline": bigram / total, "samples": _samples(model, rows, mixture, samples)}
+
+
+def _padded(seqs, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  width = max(len(s) for s in seqs)
+  ids = np.full((len(seqs), width), pad, np.int32)
+  mask = np.zeros((len(seqs), width), np.int32)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)], mask[i, :len(s)] = s, 1
+  return ids, mask
+
+
+def _split_at_sentinels(ids, mixture: Mixture) -> dict[int, list[int]]:
+  """{sentinel id: the tokens after it, up to the next sentinel or EOS}."""
+  out, current = {}, None
+  for t in map(int, ids):
+    if t == mixture.eos_id:
+      break
+    if _is_sentinel(np.array([t]), mixture)[0]:
+      current = out.setdefault(t, [])
+    elif current is not None:
+      current.append(t)
+  return out
+
+
+def _samples(model, rows, mixture: Mixture, n: int) -> list[dict]:
+  """The first `n` held-out pieces of at most 48 tokens with two or three blanks, filled greedily. (T5's noise mask
+  always ends a piece with a span, usually the closing "."; a second blank is one inside the text.)"""
+  def readable(r):
+    return len(r.inputs) <= 48 and 2 <= _is_sentinel(np.asarray(r.inputs), mixture).sum() <= 3
+
+  chosen = [r for r in rows if readable(r)][:n]
+  if not chosen:
+    return []
+  inputs, mask = _padded([r.inputs for r in chosen], model.config.pad_token_id)
+  outputs = model.generate(inputs, mask, max_new_tokens=max(len(r.targets) for r in chosen) + 4)
+  tok = model.tokenizer
+  samples = []
+  for r, out in zip(chosen, outputs):
+    sentinels = [int(t) for t in r.inputs if _is_sentinel(np.array([t]), mixture)[0]]
+    blank = {s: f"[{k + 1}]" for k, s in enumerate(sentinels)}
+    mode = len(mixture.denoisers[0].mode_ids)
+    parts, run = [], []
+    for t in map(int, r.inputs[mode:]):
+      if t in blank or t == mixture.eos_id:
+        parts.append(tok.decode(run))
+        run = []
+        if t in blank:
+          parts.append(blank[t])
+      else:
+        run.append(t)
+    truth, fills = _split_at_sentinels(r.targets, mixture), _split_at_sentinels(out, mixture)
+    samples.append({"text": " ".join(p for p in parts if p),
+                    "model": [tok.decode(fills.get(s, [])) for s in sentinels],
+                    "truth": [tok.decode(truth.get(s, [])) for s in sentinels]})
+  return samples
+
+
+def format_report(report: dict) -> str:
+  """The report as the lines the demo prints."""
+  lines = [f"held-out span filling ({report['masked_tokens']} masked tokens, the model reading the text around "
+           f"each blank): {report['accuracy']:.1%} right; always the most frequent token: "
+           f"{report['unigram_baseline']:.1%}; the most frequent next token (bigram): {report['bigram_baseline']:.1%}"]
+  for s in report["samples"]:
+    lines.append(f"  {s['text']}")
+    lines.append("      model: " + "  ".join(f"[{k + 1}] {f!r}" for k, f in enumerate(s["model"]))
+                 + "   truth: " + "  ".join(f"[{k + 1}] {f!r}" for k, f in enumerate(s["truth"])))
+  return "\n".join(lines)
