@@ -136,8 +136,8 @@ class Queue:
             continue  # another driver runs it now
           for t in by_key[key]:
             if t.state == TrialState.RUNNING:
-              self.study.tell(t.number, state=TrialState.FAIL)
               self._set_trial_attr(t.number, "reason", "orphaned: its driver stopped")
+              self.study.tell(t.number, state=TrialState.FAIL)
           done[key] = "resume"
         else:
           done[key] = "retry" if states else "new"

@@ -68,29 +68,44 @@ def _key(scope: str, selector: str, arg: str) -> tuple[str, str, str]:
   return (*pbk.config_key, pbk.arg_name)
 
 
-def origins(files: list[str], bindings: list[str], flags: list[str], resolve) -> dict:
-  """(scope, configurable, parameter) -> Origin of the binding that holds, the last one read: the gin files in
-  order, each include read where it stands (`resolve` finds it), then `bindings` (whose places are `flags`).
-  Call after gin parsed the same files and bindings, so that every configurable is known."""
-  out = {}
-
-  def read(path: str) -> None:
+def statements(files: list[str], include_path):
+  """(path, statement) for each binding statement of the gin files, in the order gin reads them: each include read
+  where it stands (`include_path` finds it as gin does)."""
+  for path in files:
     with open(path) as f:
       for statement in config_parser.ConfigParser(f, gin.config.ParserDelegate(skip_unknown=True)):
         if isinstance(statement, config_parser.IncludeStatement):
-          read(resolve(statement.filename))
+          yield path, statement
+          yield from statements([include_path(statement.filename)], include_path)
         elif isinstance(statement, config_parser.BindingStatement):
-          scope, selector, arg, _, location = statement
-          out[_key(scope, selector, arg)] = Origin(f"{show_path(path)}:{location.line_num}",
-                                                   location.line_content.strip())
+          yield path, statement
 
-  for path in files:
-    read(path)
+
+def origins(files: list[str], bindings: list[str], flags: list[str], include_path) -> dict:
+  """(scope, configurable, parameter) -> Origin of the binding that holds, the last one read: the gin files in
+  order (`statements`), then `bindings` (whose places are `flags`). Call after gin parsed the same files and
+  bindings, so that every configurable is known."""
+  out = {}
+  for path, statement in statements(files, include_path):
+    if isinstance(statement, config_parser.BindingStatement):
+      scope, selector, arg, _, location = statement
+      out[_key(scope, selector, arg)] = Origin(f"{show_path(path)}:{location.line_num}", location.line_content.strip())
   for binding, flag in zip(bindings, flags):
     for statement in config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)):
       if isinstance(statement, config_parser.BindingStatement):
         out[_key(statement.scope, statement.selector, statement.arg_name)] = Origin(flag, "")
   return out
+
+
+def value_of(binding_key: str):
+  """The value gin binds at `binding_key` ("train.train_steps"), macros followed."""
+  value = gin.query_parameter(binding_key)
+  for _ in range(100):
+    name = _macro_name(value)
+    if name is None:
+      return value
+    value = gin.query_parameter(f"%{name}")
+  return value
 
 
 def _query(key: tuple[str, str, str]):

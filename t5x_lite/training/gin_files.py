@@ -9,8 +9,10 @@ the `include 'configs/models/...'` lines inside our files resolve from any worki
 import logging
 import os
 
+from gin import config_parser
+
 import t5x_lite.configs
-from t5x_lite.training.gin_bindings import GinConfigError, check_macros, check_types, located, origins
+from t5x_lite.training.gin_bindings import GinConfigError, check_macros, check_types, located, origins, statements
 
 CONFIG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(t5x_lite.configs.__file__)))
 
@@ -42,6 +44,16 @@ def include_path(name: str) -> str:
     finally:
       logging.disable(logging.NOTSET)
   raise FileNotFoundError(f"gin file {name!r} not found")  # gin, which read the same file, found it
+
+
+def files_read(files: list[str]) -> list[str]:
+  """The paths of every gin file that `files` read, each once: the files given, then their includes."""
+  paths = [resolve(f) for f in files]
+  out = dict.fromkeys(paths)
+  for _, statement in statements(paths, include_path):
+    if isinstance(statement, config_parser.IncludeStatement):
+      out.setdefault(include_path(statement.filename))
+  return list(out)
 
 
 def flag_of(binding: str) -> str:
