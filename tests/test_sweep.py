@@ -35,8 +35,10 @@ GRID = ["--sweep.grid=SEED=[0, 1]", "--sweep.grid=DataConfig.seed=[0, 1]"]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("jax_cache")
-  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env.pop("PYTHONUNBUFFERED", None)  # the driver's lines must reach a pipe as they happen without it
+  return env
 
 
 def _sweep_cmd(sweep_dir, *args, command="run"):
@@ -237,8 +239,8 @@ def test_slurm_executor_through_submitit(tmp_path, env, monkeypatch):
                                                  "cpus_per_task": 8, "time": 120, "partition": "gpu",
                                                  "account": "lab"}
   script = slurm._make_sbatch_string(command="x", folder=str(tmp_path), **params)  # pylint: disable=protected-access
-  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-               "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=120", "#SBATCH --job-name=t5x_lite-abc"):
+  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --time=120",
+               "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --job-name=t5x_lite-abc"):
     assert line in script, script
 
   # A job of 2 tasks on submitit's local cluster; each task's command records the flags it was given.
@@ -256,6 +258,28 @@ def test_slurm_executor_through_submitit(tmp_path, env, monkeypatch):
   for i in range(2):
     assert flags[i] == ["--workdir=x", f"--coordinator_address={flags[0][1].split('=')[1]}", "--num_processes=2",
                         f"--process_id={i}"] and flags[i][1].endswith(f":{port}")
+
+
+def test_local_executor_gives_each_process_its_flags_and_gpus_and_stops_the_rest_on_a_failure(tmp_path):
+  """Process i of a local trial gets --process_id=i of N, one coordinator, and with gpus_per_process its own GPUs;
+  when one process fails the others get SIGTERM (they would wait for it at their next collective)."""
+  from t5x_lite.sweep.executors import LocalExecutor  # pylint: disable=import-outside-toplevel
+  record = ("import json, os, sys; i = sys.argv[-1].split('=')[1]; open(os.path.join(sys.argv[1], i), 'w').write("
+            "json.dumps([os.environ['CUDA_VISIBLE_DEVICES'], sys.argv[2:]]))")
+  codes = LocalExecutor(2, gpus_per_process=2, poll_s=0.02).run(
+      [sys.executable, "-c", record, str(tmp_path)], str(tmp_path / "wd"), str(tmp_path / "t"), lambda: False)
+  assert codes == [0, 0]
+  got = [json.loads((tmp_path / str(i)).read_text()) for i in range(2)]
+  assert got[0][0] == "0,1" and got[1][0] == "2,3"
+  coordinator = got[0][1][0]
+  assert coordinator.startswith("--coordinator_address=127.0.0.1:")
+  assert [g[1] for g in got] == [[coordinator, "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+
+  fail_or_wait = "import sys, time; sys.exit(3) if sys.argv[-1].endswith('=0') else time.sleep(60)"
+  t0 = time.time()
+  codes = LocalExecutor(2, poll_s=0.02).run([sys.executable, "-c", fail_or_wait], str(tmp_path / "wd"),
+                                           str(tmp_path / "u"), lambda: False)
+  assert codes == [3, -signal.SIGTERM] and time.time() - t0 < 30
 
 
 MISTAKES = [  # (a line added to a gin file that includes the demo, the message after "FILE:2: LINE: ")

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--sweep.executor", dest="executor", choices=["local", "slurm"], default="local")
   p.add_argument("--sweep.processes", dest="processes", type=int, default=1,
                  help="processes per trial (local) or tasks per node (slurm): one jax.distributed job")
+  p.add_argument("--sweep.gpus_per_process", dest="gpus_per_process", type=int, default=None,
+                 help="local: give process i of a trial GPUs i*k .. i*k+k-1 (CUDA_VISIBLE_DEVICES)")
   p.add_argument("--sweep.nodes", dest="nodes", type=int, default=1, help="slurm: nodes per trial")
   p.add_argument("--sweep.gpus_per_node", dest="gpus_per_node", type=int, default=None)
   p.add_argument("--sweep.cpus_per_task", dest="cpus_per_task", type=int, default=None)
@@ -68,7 +70,7 @@ def parse_args(argv):
 def _executor(args):
   from t5x_lite.sweep import executors  # pylint: disable=import-outside-toplevel
   if args.executor == "local":
-    return executors.LocalExecutor(args.processes)
+    return executors.LocalExecutor(args.processes, args.gpus_per_process)
   extra = json.loads(args.slurm_parameters) if args.slurm_parameters else None
   if extra is not None and not isinstance(extra, dict):
     raise ValueError(f"--sweep.slurm_parameters: give a JSON object, got {args.slurm_parameters}")
@@ -113,9 +115,13 @@ def _table(args, write: bool) -> int:
 
 def main(argv=None) -> int:
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
-  if args.command == "run":
-    return _run(args, bindings)
-  return _table(args, write=args.command == "report")
+  try:
+    if args.command == "run":
+      return _run(args, bindings)
+    return _table(args, write=args.command == "report")
+  except KeyboardInterrupt:  # before trials ran (the driver's own handler covers a running one)
+    print("\ninterrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

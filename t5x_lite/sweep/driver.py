@@ -56,7 +56,11 @@ def _outcome(trial, codes: list[int], workdir: str, metric: str, stopped: bool) 
   return "COMPLETE", curve[-1][1], ""
 
 
-def run(sweep_dir: str, trials: list, executor, metric: str, mode: str, log=print) -> int:
+def _log(message: str) -> None:
+  print(message, flush=True)  # a line as it happens, also into a pipe (whoever watches the sweep reads them)
+
+
+def run(sweep_dir: str, trials: list, executor, metric: str, mode: str, log=_log) -> int:
   """Runs `trials` (plan.Trial) in `sweep_dir` until each is done or has failed once in this run. Returns 0 when
   none of them failed, 1 when one did, 128 + N after signal N."""
   queue = Queue(sweep_dir)
@@ -76,7 +80,11 @@ def run(sweep_dir: str, trials: list, executor, metric: str, mode: str, log=prin
       trial = by_key[claim.key]
       workdir = results.trial_dir(sweep_dir, claim.key)
       log(f"trial {claim.key} ({_describe(trial.point.bindings)}): running")
-      codes = executor.run(trial.command, workdir, os.path.join(sweep_dir, "logs", claim.key), stop)
+      try:
+        codes = executor.run(trial.command, workdir, os.path.join(sweep_dir, "logs", claim.key), stop)
+      except BaseException as e:
+        queue.finish(claim, None, "FAIL", f"driver error: {type(e).__name__}: {e}")
+        raise
       state, value, reason = _outcome(trial, codes, workdir, metric, stop())
       queue.finish(claim, value, state, reason)
       seconds = time.time() - claim.started

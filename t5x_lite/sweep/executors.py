@@ -55,15 +55,28 @@ def _die_with_parent() -> None:
 
 
 class LocalExecutor:
-  """`processes` train.py processes on this host, a jax.distributed job when more than one (gloo on CPU)."""
+  """`processes` train.py processes on this host, a jax.distributed job when more than one (gloo on CPU). Each
+  process sees every accelerator of the host unless `gpus_per_process` gives process i its own
+  (CUDA_VISIBLE_DEVICES = i*k .. i*k+k-1), as one process per GPU wants."""
 
-  def __init__(self, processes: int = 1, poll_s: float = 0.2):
+  def __init__(self, processes: int = 1, gpus_per_process: int | None = None, poll_s: float = 0.2):
     if processes < 1:
       raise ValueError(f"--sweep.processes must be >= 1, got {processes}")
-    self.processes, self.poll_s = processes, poll_s
+    if gpus_per_process is not None and gpus_per_process < 1:
+      raise ValueError(f"--sweep.gpus_per_process must be >= 1, got {gpus_per_process}")
+    self.processes, self.gpus_per_process, self.poll_s = processes, gpus_per_process, poll_s
 
   def describe(self) -> str:
-    return f"local, {self.processes} process{'es' if self.processes > 1 else ''}"
+    gpus = f", {self.gpus_per_process} GPU(s) each" if self.gpus_per_process else ""
+    return f"local, {self.processes} process{'es' if self.processes > 1 else ''}{gpus}"
+
+  def environment(self, i: int) -> dict:
+    """Process i's environment."""
+    env = dict(os.environ)
+    if self.gpus_per_process:
+      k = self.gpus_per_process
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(i * k, i * k + k))
+    return env
 
   def run(self, command: list[str], workdir: str, log_prefix: str, stopping) -> list[int]:
     wait_for_workdir(workdir)
@@ -75,7 +88,8 @@ class LocalExecutor:
       with open(f"{log_prefix}.p{i}.log", "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,  # pylint: disable=subprocess-popen-preexec-fn
+        # pylint: disable-next=subprocess-popen-preexec-fn
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.environment(i),
                                       preexec_fn=_die_with_parent))
     return _wait(procs, stopping, self.poll_s)
 

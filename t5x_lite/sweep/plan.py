@@ -29,9 +29,10 @@ def plan(sweep_dir: str, gin_files: list[str], base_bindings: list[str], points:
          train_py: str | None = None) -> list[Trial]:
   """The trials of `points`, each with its key, its train_steps and its train.py command. Raises
   FileNotFoundError / ValueError (GinConfigError, SpaceError) naming the place of the first mistake."""
+  import importlib  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
-  import t5x_lite.config  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers configurables)
-  import t5x_lite.training.run  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (run, train, ...)
+  for module in ("t5x_lite.config", "t5x_lite.training.run"):  # what registers train.py's configurables
+    importlib.import_module(module)
   from t5x_lite.training import gin_files as gin_files_lib  # pylint: disable=import-outside-toplevel
   from t5x_lite.training.gin_bindings import value_of  # pylint: disable=import-outside-toplevel
   train_py = train_py or default_train_py()

@@ -139,8 +139,11 @@ class Queue:
               self._set_trial_attr(t.number, "reason", "orphaned: its driver stopped")
               self.study.tell(t.number, state=TrialState.FAIL)
           done[key] = "resume"
+        elif states:  # the last one failed; an interrupted one resumes from its checkpoints
+          reason = by_key[key][-1].user_attrs.get("reason", "")
+          done[key] = "resume" if reason.startswith(("interrupted", "orphaned")) else "retry"
         else:
-          done[key] = "retry" if states else "new"
+          done[key] = "new"
         self.study.enqueue_trial({}, user_attrs={"key": key, **attrs})
     return done
 

@@ -175,8 +175,8 @@ def write_hparams(table: list[dict], metric: str, logdir: str) -> None:
     domain = struct_pb2.ListValue()
     domain.extend([str(v) if kind == "DATA_TYPE_STRING" else v for v in values])
     infos.append(api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(kind), domain_discrete=domain))
-  experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=[
-      api_pb2.MetricInfo(name=api_pb2.MetricName(tag=metric)), api_pb2.MetricInfo(name=api_pb2.MetricName(tag=best_tag))])
+  experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t))
+                                                                    for t in (metric, best_tag)])
   writer = FileWriter(logdir)
   writer.add_summary(summary("_hparams_/experiment", {"experiment": experiment}))
   writer.close()
@@ -196,9 +196,8 @@ def write_hparams(table: list[dict], metric: str, logdir: str) -> None:
       writer.add_summary(Summary(value=[Summary.Value(tag=metric, simple_value=value)]), step)
     if row["best"] is not None:
       writer.add_summary(Summary(value=[Summary.Value(tag=best_tag, simple_value=row["best"])]), row["steps"])
-    status = ("STATUS_SUCCESS" if row["status"] == "done" else "STATUS_RUNNING" if row["status"] in ("running", "queued")
-              else "STATUS_FAILURE")
-    if status != "STATUS_RUNNING":
+    if row["status"] not in ("running", "queued"):  # a session without an end is one still running
+      status = "STATUS_SUCCESS" if row["status"] == "done" else "STATUS_FAILURE"
       end = plugin_hparams_pb2.SessionEndInfo(status=api_pb2.Status.Value(status))
       writer.add_summary(summary("_hparams_/session_end_info", {"session_end_info": end}))
     writer.close()
