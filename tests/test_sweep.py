@@ -107,7 +107,17 @@ def _hparams(directory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, env):
+def warm_cache(tmp_path_factory, env):
+  """One train.py run of the trials' program, so that the JAX compilation cache holds it: the two drivers below
+  would otherwise both compile it at once (a trial is ~5 s from the cache, ~20 s with a compile on 2 cores)."""
+  workdir = tmp_path_factory.mktemp("warm")
+  r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--gin_file={DEMO}", f"--workdir={workdir}",
+                      *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, env, warm_cache):  # pylint: disable=unused-argument
   """The 2x2 grid, run by two drivers started at once on one sweep directory."""
   sweep_dir = str(tmp_path_factory.mktemp("grid") / "sweep")
   t0 = time.time()
