@@ -218,6 +218,35 @@ def test_rerun_runs_nothing_then_a_new_value_runs_only_new_points_even_when_kill
   assert {t.user_attrs["key"]: t.number for t in _study(sweep_dir) if t.user_attrs["key"] in before} == before
 
 
+FLAKY_TRAIN = """
+import json, os, sys
+workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+os.makedirs(workdir, exist_ok=True)
+if not os.path.exists(os.path.join(workdir, "failed_once")):
+  open(os.path.join(workdir, "failed_once"), "w").close()
+  sys.exit(3)
+with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+  for step in range(1, %d + 1):
+    f.write(json.dumps({"step": step, "loss": 10.0 / step}) + "\\n")
+""" % STEPS
+
+
+def test_a_failed_trial_is_retried_by_the_next_run(tmp_path, env):
+  """A train.py that fails its first start (a stand-in, to be quick): the sweep exits 1 with the trial failed
+  ("exit 3"); the same command again retries it, and it is done."""
+  fake = tmp_path / "train.py"
+  fake.write_text(FLAKY_TRAIN)
+  sweep_dir = str(tmp_path / "sweep")
+  r = _sweep(env, sweep_dir, "--sweep.grid=SEED=[5]", f"--sweep.train_py={fake}")
+  assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+  assert "exit 3 after" in r.stdout and _results(sweep_dir)[0]["status"] == "failed (exit 3)"
+  r = _sweep(env, sweep_dir, "--sweep.grid=SEED=[5]", f"--sweep.train_py={fake}")
+  assert r.returncode == 0 and "queued 0 new, 1 failed to retry" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+  (row,) = _results(sweep_dir)
+  assert (row["status"], row["steps"], row["attempts"], row["final loss"]) == ("done", str(STEPS), "2",
+                                                                              f"{10.0 / STEPS:.6g}")
+
+
 def test_a_trial_of_two_processes(tmp_path, env):
   """`--sweep.processes=2`: each trial is a 2-process jax.distributed run of train.py (gloo on CPU)."""
   sweep_dir = str(tmp_path / "sweep")

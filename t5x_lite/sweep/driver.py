@@ -43,11 +43,20 @@ def _describe(bindings: dict) -> str:
   return ", ".join(f"{n}={v!r}" for n, v in bindings.items())
 
 
+def _saved_step(workdir: str) -> int:
+  """The step of the latest finished checkpoint (orbax renames a step's folder to its number once complete)."""
+  try:
+    return max((int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()), default=0)
+  except FileNotFoundError:
+    return 0
+
+
 def _outcome(trial, codes: list[int], workdir: str, metric: str, stopped: bool) -> tuple[str, float | None, str]:
   """(state, metric value, reason) of a trial whose processes exited with `codes`."""
   steps = results.last_step(workdir)
   if stopped or (all(c == 0 for c in codes) and steps < trial.train_steps):
-    return "FAIL", None, f"interrupted at step {steps}"  # saved; the next run resumes it
+    saved = _saved_step(workdir)
+    return "FAIL", None, f"interrupted ({f'saved at step {saved}' if saved else 'nothing saved'})"  # next run resumes
   if any(c != 0 for c in codes):
     return "FAIL", None, f"exit {next(c for c in codes if c != 0)}"
   curve = results.metric_curve(workdir, metric)
