@@ -57,13 +57,9 @@ def main(argv=None) -> int:
   from t5x_lite.training.loop import NonFiniteLoss  # pylint: disable=import-outside-toplevel
   from t5x_lite.training.workdir import WorkdirInUse  # pylint: disable=import-outside-toplevel
   try:
-    gin_files.parse(args.gin_file, bindings)
-  except SyntaxError as e:
-    print(f"error: gin configuration: {e}\n(values are Python literals: quote strings, e.g. "
-          "--gin.train.optimizer='\"adamw\"')", file=sys.stderr)
-    return 2
+    gin_files.parse(args.gin_file, bindings)  # mistakes name their file and line, or their flag
   except (OSError, ValueError, KeyError) as e:
-    print(f"error: gin configuration: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 2
   try:
     os.makedirs(args.workdir, exist_ok=True)

@@ -93,7 +93,7 @@ def train(workdir: str, *, model=gin.REQUIRED, data: DataConfig = gin.REQUIRED, 
           train_steps: int = gin.REQUIRED, save_every: int = 100, keep_checkpoints: int = 3, log_every: int = 10,
           eval_every: int = 0, eval_steps: int = 4, seed: int = 0, mesh_spec: str = "", optimizer: str = "adafactor",
           schedule: str = "rsqrt", label_smoothing: float = 0.0, z_loss: float = 1e-4, accumulation_steps: int = 1,
-          init_params_from: str | None = None, frozen: tuple[str, ...] = (), async_checkpoints: bool = True,
+          init_params_from: str | None = None, frozen: tuple[str, ...] | str = (), async_checkpoints: bool = True,
           progress: bool = True) -> dict:
   """Trains `model` (a T5Config / GemmaConfig) on `data` until `train_steps`, resuming from WORKDIR.
 

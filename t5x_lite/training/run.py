@@ -68,7 +68,7 @@ def unigram_entropy(tokenizer, texts: list[str]) -> float:
 
 
 @gin.configurable(denylist=["workdir"])
-def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] = (), tokenizer_dir: str | None = None,
+def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] | str = (), tokenizer_dir: str | None = None,
         tokenizer_family: str = "t5", spm_vocab_size: int = 2000, max_documents: int | None = None,
         sample_prompts: tuple[str, ...] = (), sample_max_new_tokens: int = 24, report_spans: bool = False,
         seed: int = 0) -> dict:
