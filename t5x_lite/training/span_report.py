@@ -20,9 +20,12 @@ from t5x_lite.data.ul2 import Mixture, ul2_example
 from t5x_lite.models.layers import shift_right
 
 
-def _first_task(mixture: Mixture) -> Mixture:
-  """The mixture's first span-corruption task alone, with the same budget and sentinels."""
-  task = next(d for d in mixture.denoisers if not d.is_prefix_lm)
+def _task_alone(mixture: Mixture, prefix_lm: bool) -> Mixture:
+  """The mixture's first span-corruption task (prefix_lm=False) or its prefix-LM task alone, with the same budget
+  and sentinels; None when the mixture has no such task."""
+  task = next((d for d in mixture.denoisers if d.is_prefix_lm == prefix_lm), None)
+  if task is None:
+    return None
   return Mixture((task,), first_sentinel_id=mixture.first_sentinel_id, inputs_length=mixture.inputs_length,
                  targets_length=mixture.targets_length, num_sentinels=mixture.num_sentinels, eos_id=mixture.eos_id)
 
@@ -31,12 +34,15 @@ def _is_sentinel(ids: np.ndarray, mixture: Mixture) -> np.ndarray:
   return (ids <= mixture.first_sentinel_id) & (ids > mixture.first_sentinel_id - mixture.num_sentinels)
 
 
-def _previous_tokens(inputs: np.ndarray, targets: np.ndarray, mixture: Mixture) -> np.ndarray:
-  """For each target token, the token before it in the original text: the previous target token inside a span;
-  for a span's first token, the input token before that span's sentinel (-1 when the span opens the text)."""
-  before_sentinel = {int(s): int(inputs[k - 1]) if k > 0 and not _is_sentinel(inputs[k - 1:k], mixture)[0] else -1
-                     for k, s in enumerate(inputs) if _is_sentinel(inputs[k:k + 1], mixture)[0]}
+def _previous_tokens(inputs: np.ndarray, targets: np.ndarray, mixture: Mixture, mode_tokens: int) -> np.ndarray:
+  """For each target token, the token before it in the original text: the previous target token inside a span or a
+  continuation; for a span's first token, the input token before that span's sentinel, and for a continuation's
+  first token, the prefix's last (-1 where there is none: the `mode_tokens` opening the inputs are not text)."""
+  before_sentinel = {int(s): int(inputs[k - 1]) if k > mode_tokens and not _is_sentinel(inputs[k - 1:k], mixture)[0]
+                     else -1 for k, s in enumerate(inputs) if _is_sentinel(inputs[k:k + 1], mixture)[0]}
   previous = np.full(len(targets), -1)
+  if not before_sentinel and len(inputs) - 1 > mode_tokens:  # a continuation; inputs end with EOS
+    previous[0] = int(inputs[-2])
   for k in range(1, len(targets)):
     prev = int(targets[k - 1])
     previous[k] = before_sentinel.get(prev, -1) if _is_sentinel(targets[k - 1:k], mixture)[0] else prev
@@ -56,19 +62,37 @@ def _ngram_tables(tokenizer, texts, limit: int = 20_000) -> tuple[int, dict]:
 
 def span_report(model, mixture: Mixture, train_texts, held_out_texts, *, examples: int = 256, samples: int = 4,
                 seed: int = 0, batch_size: int = 64) -> dict:
-  """Held-out span filling: {"masked_tokens", "accuracy", "unigram_baseline", "bigram_baseline", "samples": [{
-  "text": the held-out text with its blanks as [1], [2], ..., "model": [fills], "truth": [fills]}]}."""
-  tokenizer, task = model.tokenizer, _first_task(mixture)
+  """{"spans": held-out span filling, "continuation": held-out continuation (the prefix-LM task, when the mixture
+  has it)}, each {"tokens", "accuracy", "unigram_baseline", "bigram_baseline"}; "samples": [{"text": a held-out
+  text with its blanks as [1], [2], ..., "model": [fills], "truth": [fills]}]."""
+  top, follows = _ngram_tables(model.tokenizer, train_texts)
+  report = {}
+  for name, prefix_lm in (("spans", False), ("continuation", True)):
+    task = _task_alone(mixture, prefix_lm)
+    if task is None:
+      continue
+    rows = _examples(model.tokenizer, task, held_out_texts, examples, seed)
+    report[name] = _accuracies(model, rows, mixture, len(task.denoisers[0].mode_ids), top, follows, batch_size)
+    if not prefix_lm:
+      report["samples"] = _samples(model, rows, mixture, samples)
+  return report
+
+
+def _examples(tokenizer, task: Mixture, texts, limit: int, seed: int) -> list:
   rows = []
-  for i, text in enumerate(held_out_texts):
+  for i, text in enumerate(texts):
     ids = token_ids(tokenizer, text)
     if len(ids) >= 8:
       rows.append(ul2_example(ids, task, seed=(seed, i)))
-    if len(rows) == examples:
-      break
+    if len(rows) == limit:
+      return rows
   if not rows:
     raise ValueError("no held-out text of 8 tokens or more to report on")
-  top, follows = _ngram_tables(tokenizer, train_texts)
+  return rows
+
+
+def _accuracies(model, rows, mixture: Mixture, mode_tokens: int, top: int, follows: dict, batch_size: int) -> dict:
+  """Teacher-forced argmax accuracy on the target tokens other than sentinels and EOS, and the baselines'."""
   pad = model.config.pad_token_id
   correct = unigram = bigram = total = 0
   for start in range(0, len(rows), batch_size):
@@ -80,13 +104,13 @@ def span_report(model, mixture: Mixture, train_texts, held_out_texts, *, example
     for row, r in enumerate(chunk):
       t = np.asarray(r.targets)
       scored = ~_is_sentinel(t, mixture) & (t != mixture.eos_id)
-      previous = _previous_tokens(np.asarray(r.inputs), t, mixture)
+      previous = _previous_tokens(np.asarray(r.inputs), t, mixture, mode_tokens)
       correct += int(np.sum((predicted[row, :len(t)] == t) & scored))
       unigram += int(np.sum((t == top) & scored))
       bigram += int(sum(follows.get(int(p), top) == int(x) for p, x, s in zip(previous, t, scored) if s))
       total += int(scored.sum())
-  return {"masked_tokens": total, "accuracy": correct / total, "unigram_baseline": unigram / total,
-          "bigram_baseline": bigram / total, "samples": _samples(model, rows, mixture, samples)}
+  return {"tokens": total, "accuracy": correct / total, "unigram_baseline": unigram / total,
+          "bigram_baseline": bigram / total}
 
 
 def _padded(seqs, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +151,7 @@ def _samples(model, rows, mixture: Mixture, n: int) -> list[dict]:
   for r, out in zip(chosen, outputs):
     sentinels = [int(t) for t in r.inputs if _is_sentinel(np.array([t]), mixture)[0]]
     blank = {s: f"[{k + 1}]" for k, s in enumerate(sentinels)}
-    mode = len(mixture.denoisers[0].mode_ids)
+    mode = len(next(d for d in mixture.denoisers if not d.is_prefix_lm).mode_ids)
     parts, run = [], []
     for t in map(int, r.inputs[mode:]):
       if t in blank or t == mixture.eos_id:
@@ -146,10 +170,15 @@ def _samples(model, rows, mixture: Mixture, n: int) -> list[dict]:
 
 def format_report(report: dict) -> str:
   """The report as the lines the demo prints."""
-  lines = [f"held-out span filling ({report['masked_tokens']} masked tokens, the model reading the text around "
-           f"each blank): {report['accuracy']:.1%} right; always the most frequent token: "
-           f"{report['unigram_baseline']:.1%}; the most frequent next token (bigram): {report['bigram_baseline']:.1%}"]
-  for s in report["samples"]:
+  what = {"spans": "filling the blanks of held-out text", "continuation": "continuing held-out text"}
+  lines = []
+  for name in ("spans", "continuation"):
+    if name in report:
+      r = report[name]
+      lines.append(f"{what[name]} ({r['tokens']} tokens, each read with the true text before it): "
+                   f"{r['accuracy']:.1%} right; always the most frequent token: {r['unigram_baseline']:.1%}; "
+                   f"the token that most often follows the previous one: {r['bigram_baseline']:.1%}")
+  for s in report.get("samples", []):
     lines.append(f"  {s['text']}")
     lines.append("      model: " + "  ".join(f"[{k + 1}] {f!r}" for k, f in enumerate(s["model"]))
                  + "   truth: " + "  ".join(f"[{k + 1}] {f!r}" for k, f in enumerate(s["truth"])))
