@@ -124,9 +124,16 @@ def run(workdir: str, *, corpus: str = "stdlib", files: tuple[str, ...] | str = 
       with open(stats_path) as f:
         print(f"corpus unigram entropy {json.load(f)['unigram_entropy_nats']:.3f} nats/token; "
               f"final train loss {metrics['loss']:.3f}", file=sys.stderr)
-  if report_spans and jax.process_index() == 0:
+  if (report_spans or sample_prompts) and jax.process_count() > 1:
+    # Loading the checkpoint is a collective of every process (orbax); one host alone would wait for the others
+    # until the coordinator's shutdown barrier kills the run.
+    if jax.process_index() == 0:
+      print(f"{workdir}: no span report or samples after a multi-process run; the trained model loads in one "
+            f"process: t5x_lite.load({workdir!r}) or infer.py --model {workdir}", file=sys.stderr)
+    return metrics
+  if report_spans:
     write_span_report(workdir, tokenizer, train_docs, eval_docs)
-  if sample_prompts and jax.process_index() == 0:
+  if sample_prompts:
     samples = generate_samples(workdir, sample_prompts, sample_max_new_tokens)
     for s in samples:
       print(f"  {s['prompt']!r} -> {s['output']!r}")
