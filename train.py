@@ -15,13 +15,8 @@ import sys
 
 
 def parse_args(argv):
-  bindings, rest = [], []
-  for arg in argv:
-    if arg.startswith("--gin.") and "=" in arg:
-      name, value = arg[len("--gin."):].split("=", 1)
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
+  from t5x_lite.training.gin_files import split_gin_flags  # pylint: disable=import-outside-toplevel  (no JAX)
+  bindings, rest = split_gin_flags(argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   p.add_argument("--workdir", required=True)

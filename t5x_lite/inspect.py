@@ -38,13 +38,8 @@ def parse_bytes(text: str) -> int:
 
 
 def parse_args(argv):
-  bindings, rest = [], []
-  for arg in argv:
-    if arg.startswith("--gin.") and "=" in arg:
-      name, value = arg[len("--gin."):].split("=", 1)
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
+  from t5x_lite.training.gin_files import split_gin_flags  # pylint: disable=import-outside-toplevel  (no JAX)
+  bindings, rest = split_gin_flags(argv)
   p = argparse.ArgumentParser(prog="python -m t5x_lite.inspect", description=__doc__.split("\n")[0])
   p.add_argument("gin_files", nargs="+", metavar="CONFIG.gin", help="run or model gin file(s)")
   p.add_argument("--mesh", default=None, help="mesh spec, e.g. fsdp:64 (default: train.mesh_spec, else 1 device)")

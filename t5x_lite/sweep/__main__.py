@@ -50,13 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
-  bindings, rest = [], []
-  for arg in argv:
-    if arg.startswith("--gin.") and "=" in arg:
-      name, value = arg[len("--gin."):].split("=", 1)
-      bindings.append(f"{name} = {value}")
-    else:
-      rest.append(arg)
+  from t5x_lite.training.gin_files import split_gin_flags  # pylint: disable=import-outside-toplevel  (no JAX)
+  bindings, rest = split_gin_flags(argv)
   p = _parser()
   args = p.parse_args(rest)
   if args.command == "run":

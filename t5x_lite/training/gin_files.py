@@ -17,6 +17,19 @@ from t5x_lite.training.gin_bindings import GinConfigError, check_macros, check_t
 CONFIG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(t5x_lite.configs.__file__)))
 
 
+def split_gin_flags(argv) -> tuple[list[str], list[str]]:
+  """(gin bindings "NAME = VALUE" of the `--gin.NAME=VALUE` flags, the other arguments), for the command lines of
+  train.py, inspect and sweep, which all take gin bindings as flags."""
+  bindings, rest = [], []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      name, value = arg[len("--gin."):].split("=", 1)
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  return bindings, rest
+
+
 def resolve(path: str) -> str:
   """The absolute path of gin file `path`: relative to the working directory if it is there, else to CONFIG_ROOT.
   FileNotFoundError names both places when it is in neither."""
