@@ -336,7 +336,6 @@ def _with_images(record: dict, input_key: str, tokenizer, model, base_dir: str) 
   """Ids and pixels of a line with "images": text goes through the processor (each `<start_of_image>` expands as
   transformers expands it); ids must already hold the image tokens. LineError names an image file that is
   missing, unreadable or not an image, and a count that does not match."""
-  from t5x_lite.vision.images import load_image  # pylint: disable=import-outside-toplevel
   processor = model.processor
   if processor is None or processor.image_processor is None:
     raise LineError('"images" given, but this model reads no images (no vision tower, or no image processor '
@@ -351,7 +350,7 @@ def _with_images(record: dict, input_key: str, tokenizer, model, base_dir: str) 
       ids, pixels = processor.encode_example(value, paths)
       return [int(i) for i in ids], pixels
     ids = _field_ids(record, input_key, tokenizer, model.config.vocab_size)
-    pixels = processor.image_settings()([load_image(p) for p in paths]).pixel_values
+    pixels, _ = processor.image_files(paths)
   except ValueError as e:  # ImageError naming a file, or the count of <start_of_image> and of the files
     raise LineError(str(e)) from None
   want = len(pixels) * processor.image_seq_length

@@ -38,14 +38,15 @@ def _previous_tokens(inputs: np.ndarray, targets: np.ndarray, mixture: Mixture, 
   """For each target token, the token before it in the original text: the previous target token inside a span or a
   continuation; for a span's first token, the input token before that span's sentinel, and for a continuation's
   first token, the prefix's last (-1 where there is none: the `mode_tokens` opening the inputs are not text)."""
-  before_sentinel = {int(s): int(inputs[k - 1]) if k > mode_tokens and not _is_sentinel(inputs[k - 1:k], mixture)[0]
-                     else -1 for k, s in enumerate(inputs) if _is_sentinel(inputs[k:k + 1], mixture)[0]}
+  in_sentinel, target_sentinel = _is_sentinel(inputs, mixture), _is_sentinel(targets, mixture)
+  before_sentinel = {int(inputs[k]): int(inputs[k - 1]) if k > mode_tokens and not in_sentinel[k - 1] else -1
+                     for k in np.flatnonzero(in_sentinel)}
   previous = np.full(len(targets), -1)
   if not before_sentinel and len(inputs) - 1 > mode_tokens:  # a continuation; inputs end with EOS
     previous[0] = int(inputs[-2])
   for k in range(1, len(targets)):
     prev = int(targets[k - 1])
-    previous[k] = before_sentinel.get(prev, -1) if _is_sentinel(targets[k - 1:k], mixture)[0] else prev
+    previous[k] = before_sentinel.get(prev, -1) if target_sentinel[k - 1] else prev
   return previous
 
 
@@ -124,11 +125,12 @@ def _padded(seqs, pad: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _split_at_sentinels(ids, mixture: Mixture) -> dict[int, list[int]]:
   """{sentinel id: the tokens after it, up to the next sentinel or EOS}."""
+  ids = np.asarray(ids)
   out, current = {}, None
-  for t in map(int, ids):
+  for t, sentinel in zip(ids.tolist(), _is_sentinel(ids, mixture)):
     if t == mixture.eos_id:
       break
-    if _is_sentinel(np.array([t]), mixture)[0]:
+    if sentinel:
       current = out.setdefault(t, [])
     elif current is not None:
       current.append(t)
@@ -147,11 +149,12 @@ def _samples(model, rows, mixture: Mixture, n: int) -> list[dict]:
   inputs, mask = _padded([r.inputs for r in chosen], model.config.pad_token_id)
   outputs = model.generate(inputs, mask, max_new_tokens=max(len(r.targets) for r in chosen) + 4)
   tok = model.tokenizer
+  mode = len(next(d for d in mixture.denoisers if not d.is_prefix_lm).mode_ids)
   samples = []
   for r, out in zip(chosen, outputs):
-    sentinels = [int(t) for t in r.inputs if _is_sentinel(np.array([t]), mixture)[0]]
+    inputs = np.asarray(r.inputs)
+    sentinels = inputs[_is_sentinel(inputs, mixture)].tolist()
     blank = {s: f"[{k + 1}]" for k, s in enumerate(sentinels)}
-    mode = len(next(d for d in mixture.denoisers if not d.is_prefix_lm).mode_ids)
     parts, run = [], []
     for t in map(int, r.inputs[mode:]):
       if t in blank or t == mixture.eos_id:

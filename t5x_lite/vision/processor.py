@@ -173,6 +173,13 @@ class Processor:
     if count != len(image_paths):
       raise ValueError(f"the text holds {count} {self.tokens.boi} but {len(image_paths)} image files were given: "
                        f"{_snippet(text)}")
+    pixels, num_crops = self.image_files(image_paths, **image_options)
+    ids = self.tokenizer.encode(self.expand_prompt(text, num_crops))
+    return np.asarray(ids, np.int32), pixels
+
+  def image_files(self, image_paths: Sequence[str | os.PathLike], **image_options) -> tuple[np.ndarray, list[int]]:
+    """(pixels (N, 3, Sh, Sw) float32 of the files in order, each followed by its crops; crops per file).
+    ImageError names a file that cannot be read or preprocessed."""
     settings = self.image_settings(**image_options)
     pixels, num_crops = [], []
     for path in image_paths:
@@ -183,9 +190,7 @@ class Processor:
         raise ImageError(f"{os.fspath(path)}: {e}") from None
       pixels.append(one)
       num_crops.append(crops)
-    ids = self.tokenizer.encode(self.expand_prompt(text, num_crops))
-    empty = np.zeros((0, 3) + settings.size, np.float32)
-    return np.asarray(ids, np.int32), np.concatenate(pixels) if pixels else empty
+    return (np.concatenate(pixels) if pixels else np.zeros((0, 3) + settings.size, np.float32)), num_crops
 
   # --- the transformers-equal call ------------------------------------------------------------------------------
   def __call__(self, text: str | Sequence[str] | None = None, images: Any = None, *, padding: bool | str = False,
