@@ -2,6 +2,7 @@
 
   python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
                   [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
+                  [--batching inflight|static]
 
 Input (--input): one JSON object per line holding its input under "text" (a string), "input_ids" (a list of token
 ids) or "inputs" (either: the name train.py's seq2seq records use), and for --mode score its target under "target"
@@ -13,14 +14,21 @@ file's folder), one per <start_of_image> in the text, which expands as transform
 must already hold the image tokens). A missing, unreadable or corrupt image, or a count that does not match, gives
 that line an error naming the file; lines with and without images share batches.
 
-The output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
-OUT.jsonl.run records what produced the answers (the model's files, the tokenizer, the settings that change answers
--- not --batch-size or --mesh -- and a digest of each input line answered): a rerun that would answer differently
-(another model, --method, --max-new-tokens ..., or a corrected input line among those answered) is refused, naming
-what differs, and so is an output without a record (written before infer.py kept them); --overwrite starts afresh.
-Settings and files are checked before the model loads: a bad setting, an output that is the input, cannot be
-written, is not this tool's, or holds another run's answers exits 2 ("infer.py: error: ...") and leaves the output
-as it was.
+Generation runs with in-flight batching (--batching inflight, the default): --batch-size slots each decode one
+line, and when a line ends (EOS or its max_new_tokens) the next line takes its slot, so short answers never wait for
+long ones. Beam search always runs in static batches (a batch decodes until its longest row ends), as does
+--batching static. A line may give its own "max_new_tokens", "method" ("greedy" or "sample"), "temperature",
+"top_k", "top_p" and "seed"; the flags are the defaults. A sampling line draws with its own "seed", else with --seed
+and its line number: the same draws whichever lines share the slots, and on a resumed run.
+
+The output is appended in input order as lines finish (and fsync'd), so rerunning the same command after an
+interruption completes the file. OUT.jsonl.run records what produced the answers (the model's files, the tokenizer,
+the settings that change answers -- not --batch-size, --batching or --mesh -- and a digest of each input line
+answered): a rerun that would answer differently (another model, --method, --max-new-tokens ..., or a corrected
+input line among those answered) is refused, naming what differs, and so is an output without a record (written
+before infer.py kept them); --overwrite starts afresh. Settings and files are checked before the model loads: a bad
+setting, an output that is the input, cannot be written, is not this tool's, or holds another run's answers exits 2
+("infer.py: error: ...") and leaves the output as it was.
 """
 
 import argparse
@@ -35,7 +43,7 @@ def main(argv=None) -> int:
   p.add_argument("--input", required=True, help='JSONL, a line such as {"text": ...} (keys: see below)')
   p.add_argument("--output", required=True)
   p.add_argument("--mode", choices=["generate", "score"], default="generate")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (in-flight: slots)")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--max-input-length", type=int, default=2048, help="longer inputs get an error line")
   p.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
@@ -45,6 +53,9 @@ def main(argv=None) -> int:
   p.add_argument("--num-beams", type=int, default=4)
   p.add_argument("--length-penalty", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batching", choices=["inflight", "static"], default="inflight",
+                 help="inflight: a finished line's slot takes the next line at once; static: fixed batches (beam "
+                      "search always)")
   p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
@@ -57,7 +68,8 @@ def main(argv=None) -> int:
     options = inference.InferenceOptions(
         mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         max_input_length=args.max_input_length, method=args.method, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+        top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed,
+        batching=args.batching)
   except ValueError as e:
     p.error(str(e))  # exits 2
   try:  # and the files: the output must not be the input, be writable, and hold only answers this run would give

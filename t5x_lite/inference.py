@@ -66,6 +66,12 @@ class InferenceOptions:
   num_beams: int = 4
   length_penalty: float = 1.0
   seed: int = 0
+  batching: str = "inflight"  # inflight | static (beam search always runs in static batches)
+
+  @property
+  def inflight(self) -> bool:
+    """Whether generation runs through in-flight batching (t5x_lite/inflight.py)."""
+    return self.mode == "generate" and self.batching == "inflight" and self.method != "beam"
 
   def __post_init__(self):
     # The ranges Model.generate checks (model.py, _check_generation_args), whatever the mode, plus what it would
@@ -74,6 +80,7 @@ class InferenceOptions:
     _require(self.mode in ("generate", "score"), f"--mode must be generate or score, got {self.mode!r}")
     _require(self.method in ("greedy", "sample", "beam"),
              f"--method must be greedy, sample or beam, got {self.method!r}")
+    _require(self.batching in ("inflight", "static"), f"--batching must be inflight or static, got {self.batching!r}")
     for flag, value in (("--batch-size", self.batch_size), ("--max-new-tokens", self.max_new_tokens),
                         ("--max-input-length", self.max_input_length)):
       _require(_is_int(value) and value >= 1, f"{flag} must be an integer >= 1, got {value!r}")
@@ -278,12 +285,40 @@ def _field_ids(record: dict, key: str, tokenizer, vocab_size: int) -> list[int]:
   raise LineError(f'"{key}" must be {" or ".join(_KIND[t] for t in holds)}, got {_type_name(value)}')
 
 
+# Generation settings a line may give for itself (generate mode); the flags give the rest. Beam search is run-wide.
+LINE_SETTINGS = ("max_new_tokens", "method", "temperature", "top_k", "top_p", "seed")
+
+
 class ParsedLine(NamedTuple):
-  """One input line made ready for the model: its input ids, target ids (score mode) and, for a line with
-  "images", their pixels (n, 3, height, width) as the model's processor makes them (n = images and their crops)."""
+  """One input line made ready for the model: its input ids, target ids (score mode), for a line with "images"
+  their pixels (n, 3, height, width) as the model's processor makes them (n = images and their crops), and the
+  generation settings it gives itself (LINE_SETTINGS)."""
   ids: list[int]
   target: list[int] | None
   pixels: np.ndarray | None = None
+  settings: dict = {}
+
+
+def _line_settings(record: dict, options: InferenceOptions) -> dict:
+  """The LINE_SETTINGS `record` gives, checked as the flags are (LineError naming the key)."""
+  given = {k: record[k] for k in LINE_SETTINGS if k in record}
+  if given and options.mode != "generate":
+    raise LineError(f'"{next(iter(given))}" is a generation setting, but --mode is {options.mode}')
+  if given and options.method == "beam":
+    raise LineError(f'"{next(iter(given))}" given, but --method beam takes its settings from the flags only')
+  method = given.get("method", options.method)
+  if method not in ("greedy", "sample"):
+    raise LineError(f'"method" must be "greedy" or "sample" (beam search is run-wide: --method beam), got '
+                    f"{_shown(method)}")
+  checks = {"max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+            "temperature": (lambda v: _is_real(v) and 0 < v < math.inf, "a finite number > 0"),
+            "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+            "top_p": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1] (1: off)"),
+            "seed": (lambda v: _is_int(v) and abs(v) < 2 ** 62, "an integer below 2**62 in magnitude")}
+  for key, (ok, what) in checks.items():
+    if key in given and not ok(given[key]):
+      raise LineError(f'"{key}" must be {what}, got {_shown(given[key])}')
+  return given
 
 
 def parse_line(line: bytes | str, options: InferenceOptions, tokenizer, model,
@@ -319,6 +354,7 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer, model,
   if len(ids) > options.max_input_length:
     raise LineError(f"input has {len(ids)} tokens, over --max-input-length {options.max_input_length} "
                     "(not truncated)")
+  settings = _line_settings(record, options)
   target = None
   if options.mode == "score":
     if target_key is None:
@@ -329,7 +365,7 @@ def parse_line(line: bytes | str, options: InferenceOptions, tokenizer, model,
       target = target[1:]  # the target continues the prompt: no second BOS
     if not target:
       raise LineError("empty target")
-  return ParsedLine(ids, target, pixels)
+  return ParsedLine(ids, target, pixels, settings)
 
 
 def _with_images(record: dict, input_key: str, tokenizer, model, base_dir: str) -> tuple[list[int], np.ndarray]:
@@ -371,27 +407,52 @@ def _left_or_right_pad(rows: list[list[int]], pad: int, left: bool) -> tuple[np.
   return ids, mask
 
 
+def _generated(model, row: np.ndarray) -> dict:
+  """The output record of one row of new tokens: cut after its first EOS, with the text when there is a tokenizer."""
+  eos = np.flatnonzero(row == model.config.eos_token_id)
+  row = row[:eos[0] + 1] if eos.size else row
+  record = {"output_ids": [int(t) for t in row]}
+  if model.tokenizer is not None:
+    record = {"output": model.tokenizer.decode(record["output_ids"], skip_special_tokens=True), **record}
+  return record
+
+
+def _settings(parsed: ParsedLine, options: InferenceOptions) -> dict:
+  """A line's generation settings: its own (LINE_SETTINGS), the flags for the rest."""
+  flags = {"max_new_tokens": options.max_new_tokens, "method": options.method, "temperature": options.temperature,
+           "top_k": options.top_k, "top_p": options.top_p}
+  return {**flags, **parsed.settings}
+
+
 def run_batch(model, parsed: list[ParsedLine], options: InferenceOptions, seed: int) -> list[dict]:
-  """Results for a batch of parsed lines, in order."""
+  """Results for a batch of parsed lines, in order (static batching). Lines that give themselves other generation
+  settings run as their own sub-batches; a line's "seed" replaces `seed` for its sub-batch."""
   config = model.config
-  ids, mask = _left_or_right_pad([p.ids for p in parsed], config.pad_token_id, left=not config.is_encoder_decoder)
-  with_images = [p.pixels for p in parsed if p.pixels is not None and len(p.pixels)]
-  pixels = np.concatenate(with_images) if with_images else None  # transformers' layout: row after row
   if options.mode == "score":
+    ids, mask = _left_or_right_pad([p.ids for p in parsed], config.pad_token_id, left=not config.is_encoder_decoder)
     targets, _ = _left_or_right_pad([p.target for p in parsed], config.pad_token_id, left=False)
-    return [{"score": float(s)} for s in model.score(ids, targets, mask, pixel_values=pixels)]
-  out = model.generate(ids, mask, pixels, max_new_tokens=options.max_new_tokens, method=options.method,
-                       temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                       num_beams=options.num_beams, length_penalty=options.length_penalty, seed=seed)
-  results = []
-  for row in out:
-    eos = np.flatnonzero(row == config.eos_token_id)
-    row = row[:eos[0] + 1] if eos.size else row
-    record = {"output_ids": [int(t) for t in row]}
-    if model.tokenizer is not None:
-      record = {"output": model.tokenizer.decode(record["output_ids"], skip_special_tokens=True), **record}
-    results.append(record)
+    return [{"score": float(s)} for s in model.score(ids, targets, mask, pixel_values=_pixels(parsed))]
+  groups: dict[str, list[int]] = {}
+  for k, p in enumerate(parsed):
+    groups.setdefault(json.dumps(_settings(p, options), sort_keys=True), []).append(k)
+  results: list[dict] = [{}] * len(parsed)
+  for members in groups.values():
+    group = [parsed[k] for k in members]
+    settings = _settings(group[0], options)
+    ids, mask = _left_or_right_pad([p.ids for p in group], config.pad_token_id, left=not config.is_encoder_decoder)
+    out = model.generate(ids, mask, _pixels(group), max_new_tokens=settings["max_new_tokens"],
+                         method=settings["method"], temperature=settings["temperature"], top_k=settings["top_k"],
+                         top_p=settings["top_p"], num_beams=options.num_beams, length_penalty=options.length_penalty,
+                         seed=settings.get("seed", seed))
+    for k, row in zip(members, out):
+      results[k] = _generated(model, row)
   return results
+
+
+def _pixels(parsed: list[ParsedLine]) -> np.ndarray | None:
+  """The lines' images in transformers' flat layout (row after row), None when no line has any."""
+  with_images = [p.pixels for p in parsed if p.pixels is not None and len(p.pixels)]
+  return np.concatenate(with_images) if with_images else None
 
 
 def _chunks(lines: list[bytes], start: int, size: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -427,16 +488,78 @@ def run_file(model, input_path: str, output_path: str, options: InferenceOptions
   stats = {"lines": len(lines), "resumed_at": done, "errors": earlier_errors, "earlier_errors": earlier_errors}
   out, record = _open_run(output_path, run, done)
   bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress, file=sys.stderr)
+  base_dir = os.path.dirname(os.path.abspath(input_path))
+  answers = (_inflight_answers(model, lines, done, options, stats, base_dir) if options.inflight else
+             _static_answers(model, lines, done, options, stats, base_dir))
   with out, record, bar:  # the bar closes on an error too (own line for it)
-    for start, chunk in _chunks(lines, done, options.batch_size):
-      results = _answer(model, chunk, options, options.seed + start, stats,
-                        os.path.dirname(os.path.abspath(input_path)))
-      inference_record.append_digests(record, chunk)  # before the answers: the record covers every answer
+    for start, results in answers:
+      inference_record.append_digests(record, lines[start:start + len(results)])  # first: it covers every answer
       out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
       out.flush()
       os.fsync(out.fileno())
-      bar.update(len(chunk))
+      bar.update(len(results))
   return stats
+
+
+def _pixel_loader(line: bytes, options: InferenceOptions, model, base_dir: str):
+  return lambda: parse_line(line, options, model.tokenizer, model, base_dir).pixels
+
+
+def _static_answers(model, lines: list[bytes], done: int, options: InferenceOptions, stats: dict,
+                    base_dir: str) -> Iterator[tuple[int, list[dict]]]:
+  """(first line, the results of the lines from there), a batch of --batch-size lines at a time."""
+  for start, chunk in _chunks(lines, done, options.batch_size):
+    yield start, _answer(model, chunk, options, options.seed + start, stats, base_dir)
+
+
+def _inflight_answers(model, lines: list[bytes], done: int, options: InferenceOptions, stats: dict,
+                      base_dir: str) -> Iterator[tuple[int, list[dict]]]:
+  """(first line, the results of the lines from there) as in-flight batching (--batch-size slots) finishes them:
+  each time the lines up to a finished one are all answered, so the output stays in input order.
+
+  Every line is parsed first (the slots' sizes follow the longest input and output); an image line's pixels are
+  dropped after its check and read again when it enters a slot, so a long file holds only the slots' images.
+  Sampling lines draw with their own "seed", else with --seed and their line number, so a resumed run draws alike.
+  """
+  from t5x_lite import inflight  # pylint: disable=import-outside-toplevel  (JAX: not before the checks)
+  results: dict[int, dict] = {}
+  requests, line_of = [], []
+  for n in range(done, len(lines)):
+    try:
+      parsed = parse_line(lines[n], options, model.tokenizer, model, base_dir)
+    except LineError as e:
+      results[n] = {"error": str(e)}
+      stats["errors"] += 1
+      continue
+    settings = _settings(parsed, options)
+    seed, stream = (settings["seed"], 0) if "seed" in settings else (options.seed, n + 1)
+    pixels = None if parsed.pixels is None else _pixel_loader(lines[n], options, model, base_dir)
+    requests.append(inflight.Request(parsed.ids, settings["max_new_tokens"], settings["method"],
+                                     settings["temperature"], settings["top_k"], settings["top_p"], seed, stream,
+                                     pixels))
+    line_of.append(n)
+  next_line = done
+
+  def ready():
+    nonlocal next_line
+    start, out = next_line, []
+    while next_line in results:
+      out.append(results.pop(next_line))
+      next_line += 1
+    return start, out
+
+  start, out = ready()
+  if out:
+    yield start, out
+  for j, tokens in inflight.generate(model, requests, slots=options.batch_size):
+    if isinstance(tokens, ValueError):  # its images changed since they were checked
+      results[line_of[j]] = {"error": str(tokens)}
+      stats["errors"] += 1
+    else:
+      results[line_of[j]] = _generated(model, tokens)
+    start, out = ready()
+    if out:
+      yield start, out
 
 
 def _answer(model, chunk: list[bytes], options: InferenceOptions, seed: int, stats: dict,

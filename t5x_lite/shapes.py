@@ -12,6 +12,7 @@ Array names end in their axes (`logits_BTV`, `k_BSKH`), and docstrings state sha
   O  flattened output features (N x H, or K x H)
   V  vocabulary                          X  relative-position buckets
   J  indices chosen along an axis (gathers)
+  A  requests admitted into decoding slots together (in-flight batching; R is then the slots)
 Images (the vision tower):
   I  images (or pan-and-scan crops)      Q  patches of an image (the tower's positions)
   E  the tower's width                   M  tokens an image becomes in the text (after pooling)

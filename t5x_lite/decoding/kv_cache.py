@@ -45,3 +45,16 @@ def take_rows(cache: jax.Array, rows_R: jax.Array, batch: int, kv_heads: int) ->
 def repeat_rows(cache: jax.Array, times: int, batch: int, kv_heads: int) -> jax.Array:
   """Each of the `batch` rows repeated `times` times in place (row b -> rows b*times ... b*times + times-1)."""
   return store(jnp.repeat(view(cache, batch, kv_heads), times, axis=0))
+
+
+def put(cache: jax.Array, rows_A: jax.Array, new_AKSH: jax.Array, batch: int, kv_heads: int,
+        slots_S: jax.Array | None = None) -> jax.Array:
+  """The cache with rows `rows_A` replaced: wholly by `new_AKSH` (its S the cache's length), or at slots `slots_S`
+  only (distinct indices along the cache's length). Rows numbered `batch` or more are dropped (admission batches
+  padded to a bucket)."""
+  full = view(cache, batch, kv_heads)
+  new = new_AKSH.astype(cache.dtype)
+  if slots_S is None:
+    return store(full.at[rows_A].set(new, mode="drop"))
+  # Indices separated by a slice: the indexed block is (A, S, K, H), rows and slots first.
+  return store(full.at[rows_A[:, None], :, slots_S[None, :]].set(new.transpose(0, 2, 1, 3), mode="drop"))

@@ -25,6 +25,8 @@ Its hooks (shape letters: t5x_lite/shapes.py):
           their lengths, and "images" to the image slots per row.
   check_inputs(config, input_ids_BS, decoder_input_ids_BT or None) -> None, or ValueError for inputs the task
           cannot read.
+  slot_decoder(config, slots, input_length, cache_length) -> SlotDecoder: the decoder over a fixed number of slots,
+          each holding one request, for in-flight batching (decoding/slots.py).
   image_rows(config, input_ids_BS, pixel_values_I3HW) -> (B, I, c, height, width): only for a family whose
           encoder reads images. It lays transformers' flat pixel_values out per row (ValueError when the image
           tokens and the images disagree); forward, encode, decoder and batch_logits (batch["pixel_values"])
@@ -59,6 +61,30 @@ class Decoder(NamedTuple):
   vocab_major: bool = False
 
 
+class SlotDecoder(NamedTuple):
+  """A family's decoder over R slots that requests enter and leave one by one (in-flight batching).
+
+  Every slot's self-attention cache is a ring indexed by one clock `g` (scalar int32) that all slots share: step g
+  writes ring slot g % cache_length in every row, and a request admitted at clock g0 keeps its prompt (decoder-only)
+  in the slots of clock values [g0 - P, g0). Per-row validity masks keep each row to its own request's keys, so
+  the step stays one program with one scalar write position, whatever mix of requests the slots hold.
+
+  prepare(params) -> weights: what admit and step read (decoding weight layouts computed once, not per call).
+  init() -> cache: R idle slots (every row attends at least to its current key, so idle rows stay finite).
+  admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra) -> (cache, first_logits_AV or None): runs the encoder
+    (or the prefill) of A requests (right-padded ids for encoder-decoders, left-padded for decoder-only) and
+    writes their state into slot rows `rows_A` (rows >= R are padding and dropped); decoder-only families return
+    the logits of each request's first new token. `extra`: the encoder's keyword inputs (images) per request.
+  step(weights, tokens_R, cache, g) -> (logits_RV, cache): feeds each row's token at clock g.
+  start_token: the token an encoder-decoder's first step feeds (None for decoder-only).
+  """
+  prepare: Callable
+  init: Callable
+  admit: Callable
+  step: Callable
+  start_token: int | None
+
+
 def _no_check(config, input_ids_BS, decoder_input_ids_BT) -> None:  # pylint: disable=unused-argument
   return None
 
@@ -82,3 +108,4 @@ class Family:
   encode: Callable | None = None
   check_inputs: Callable = _no_check
   image_rows: Callable | None = None
+  slot_decoder: Callable | None = None

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma
-from t5x_lite.models.family import Decoder
+from t5x_lite.models.family import Decoder, SlotDecoder
 from t5x_lite.models.layers import heads_from_feature_major, out_in_matrix, unstack_layers
 from t5x_lite.nn.attention import cached_attention, dot_product_attention
 from t5x_lite.nn.mlp import ACTIVATIONS
@@ -78,10 +78,10 @@ def _finish(params, config, x_BD):
   return gemma.lm_logits(params, config, x).astype(jnp.float32)
 
 
-def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attention_mask_BP: jax.Array,
-            max_length: int) -> tuple[jax.Array, dict]:
-  """Runs the (left-padded) prompt through the stack and returns the float32 logits (B, V) at the last prompt
-  slot and the cache for `max_length` slots with slots [0, P) filled."""
+def prompt_keys(params: dict, config: GemmaConfig, input_ids_BP: jax.Array,
+                attention_mask_BP: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+  """Runs the (left-padded) prompt through the stack: the float32 logits (B, V) at the last prompt slot and each
+  layer's keys and values (B, P, K, H), as the cache holds them."""
   B, P = input_ids_BP.shape
   inv, scale = _setup(config)
   positions = gemma.positions_from_mask(attention_mask_BP)
@@ -99,6 +99,15 @@ def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
     return x, (kv["k"], kv["v"])
 
   x, kvs = _run_layers(config, _embed(params, config, input_ids_BP), layer)
+  return _finish(params, config, x[:, -1:])[:, 0], kvs
+
+
+def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attention_mask_BP: jax.Array,
+            max_length: int) -> tuple[jax.Array, dict]:
+  """Runs the (left-padded) prompt through the stack and returns the float32 logits (B, V) at the last prompt
+  slot and the cache for `max_length` slots with slots [0, P) filled."""
+  B, P = input_ids_BP.shape
+  logits_BV, kvs = prompt_keys(params, config, input_ids_BP, attention_mask_BP)
   ring = ring_size(config, max_length)
   # Ring index r receives the last prompt slot a < P with a % ring == r (or nothing when a < 0).
   ring_src = (P - 1) - jnp.mod(P - 1 - jnp.arange(ring), ring)
@@ -119,7 +128,7 @@ def prefill(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
   cache = {"k": [to_cache(k, s) for (k, _), s in zip(kvs, sliding)],
            "v": [to_cache(v, s) for (_, v), s in zip(kvs, sliding)],
            "key_valid": key_valid, "next_position": jnp.sum(valid, axis=1).astype(jnp.int32)}
-  return _finish(params, config, x[:, -1:])[:, 0], cache
+  return logits_BV, cache
 
 
 def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
@@ -156,8 +165,11 @@ def empty_cache(config: GemmaConfig, batch: int, max_length: int) -> dict:
 
 def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
                 cache: dict, *, vocab_major: bool = False, cross: dict | None = None) -> tuple[jax.Array, dict]:
-  """Feeds `token_B` at cache slot `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
+  """Feeds `token_B` at position `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
   `vocab_major` (tied heads only; see `decoding.loop.decode_tokens`), and the updated cache.
+
+  Full-attention caches are rings too: position `slot` lives at slot % S_max (static decoding never wraps; an
+  in-flight batch's shared clock does), and `key_valid` (B, S_max), indexed the same way, holds each row's keys.
 
   `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
   (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H). `cross` ({"k", "v": one
@@ -169,16 +181,17 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   inv, scale = _setup(config)
   S_max = cache["key_valid"].shape[1]
   ring = ring_size(config, S_max)
-  key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, slot))
+  full_index = jnp.mod(slot, S_max)
+  key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, full_index))
   positions = cache["next_position"][:, None]
-  slots = jnp.arange(S_max)
   if config.bidirectional:
     raise ValueError("a bidirectional Gemma 3 has no causal decoding")
-  full_mask = (key_valid & (slots <= slot)[None, :])[:, None, None, :]
+  full_mask = key_valid[:, None, None, :]  # slots after this one are not written yet (or hold no valid key)
   ring_index = jnp.mod(slot, ring)
-  ring_slot = slot - jnp.mod(slot - jnp.arange(ring), ring)  # the absolute slot each ring index holds after the write
+  ring_slot = slot - jnp.mod(slot - jnp.arange(ring), ring)  # the position each ring index holds after the write
   in_window = (ring_slot >= 0) & (ring_slot > slot - (config.sliding_window or S_max))
-  window_mask = (in_window[None, :] & jnp.take(key_valid, jnp.maximum(ring_slot, 0), axis=1))[:, None, None, :]
+  window_valid = jnp.take(key_valid, jnp.mod(jnp.maximum(ring_slot, 0), S_max), axis=1)
+  window_mask = (in_window[None, :] & window_valid)[:, None, None, :]
   eps = config.rms_norm_eps
   act = ACTIVATIONS[config.mlp_activation]
 
@@ -197,7 +210,7 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if config.qk_norm:
       q, k = norm(q, p["q_norm"], -1), norm(k, p["k_norm"], -1)
     q, k = apply_rope(q, positions, inv[sliding]), apply_rope(k, positions, inv[sliding])
-    index, mask = (ring_index, window_mask) if sliding else (slot, full_mask)
+    index, mask = (ring_index, window_mask) if sliding else (full_index, full_mask)
     new_k.append(kv_cache.write(cache["k"][i], k, index))
     new_v.append(kv_cache.write(cache["v"][i], v, index))
     also = None if cross is None else (kv_cache.view(cross["k"][i], B, K), kv_cache.view(cross["v"][i], B, K),
@@ -248,3 +261,47 @@ def decoder(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
     return rows(cache, lambda x: kv_cache.take_rows(x, rows_R, R, K), lambda x: jnp.take(x, rows_R, axis=0))
 
   return Decoder(step, cache, None, first_logits_BV, reorder, vocab_major=config.tie_lm_head)
+
+
+def write_prompts(config: GemmaConfig, cache: dict, rows_A: jax.Array, kvs: list, mask_AP: jax.Array,
+                  g: jax.Array) -> dict:
+  """`cache` (R slots, `empty_cache`'s layout) with rows `rows_A` holding prompts (their keys and values `kvs`, as
+  `prompt_keys` gives them) at the clock values [g - P, g): full layers at those values % S_max, sliding layers
+  their last ring-size positions at the values % ring; `key_valid` the prompts' mask; positions continue them."""
+  R, S = cache["key_valid"].shape
+  A, P = mask_AP.shape
+  K = config.num_kv_heads
+  clock = g - P + jnp.arange(P)
+  ring = ring_size(config, S)
+  last = P - min(P, ring)  # earlier prompt positions would be overwritten in the ring anyway
+  k, v = [], []
+  for (k_APKH, v_APKH), old_k, old_v, sliding in zip(kvs, cache["k"], cache["v"], config.sliding_layers):
+    at = jnp.mod(clock[last:], ring) if sliding else jnp.mod(clock, S)
+    first = last if sliding else 0
+    k.append(kv_cache.put(old_k, rows_A, k_APKH[:, first:].transpose(0, 2, 1, 3), R, K, slots_S=at))
+    v.append(kv_cache.put(old_v, rows_A, v_APKH[:, first:].transpose(0, 2, 1, 3), R, K, slots_S=at))
+  valid = jnp.zeros((A, S), bool).at[:, jnp.mod(clock, S)].set(mask_AP.astype(bool))
+  return {**cache, "k": k, "v": v, "key_valid": cache["key_valid"].at[rows_A].set(valid, mode="drop"),
+          "next_position": cache["next_position"].at[rows_A].set(jnp.sum(mask_AP, axis=1).astype(jnp.int32),
+                                                                 mode="drop")}
+
+
+def slot_decoder(config: GemmaConfig, slots: int, input_length: int, cache_length: int) -> SlotDecoder:
+  """The decoder over R = `slots` requests whose prompt and new tokens together fit `cache_length` positions (the
+  caller keeps input_length + new tokens <= cache_length): admission prefills a request's prompt into its row."""
+  del input_length  # each admission's prompt bucket is its own; the ring holds cache_length positions
+
+  def prepare(params):
+    return {"params": params, "layers": decode_layer_params(params, config)}
+
+  def init():
+    return empty_cache(config, slots, cache_length)
+
+  def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
+    logits_AV, kvs = prompt_keys(weights["params"], config, ids_AP, mask_AP)
+    return write_prompts(config, cache, rows_A, kvs, mask_AP, g), logits_AV
+
+  def step(weights, tokens_R, cache, g):
+    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache)
+
+  return SlotDecoder(prepare, init, admit, step, None)

@@ -15,7 +15,7 @@ T5 = Family(
     layout_module="t5x_lite.convert.t5_layout", tokenizer="t5",
     param_specs=t5.param_specs, forward=t5.forward, encode=t5.encode, decoder=t5.decoder,
     batch_logits=t5.batch_logits, forward_flops_per_token=t5.forward_flops_per_token,
-    activation_stacks=t5.activation_stacks, check_inputs=t5.check_inputs)
+    activation_stacks=t5.activation_stacks, check_inputs=t5.check_inputs, slot_decoder=t5.slot_decoder)
 
 GEMMA = Family(
     name="gemma", config_class=config_lib.GemmaConfig, model_types=config_lib.GEMMA_MODEL_TYPES,
@@ -23,7 +23,7 @@ GEMMA = Family(
     layout_module="t5x_lite.convert.gemma_layout", tokenizer="gemma",
     param_specs=gemma.param_specs, forward=gemma.forward, decoder=gemma_decode.decoder,
     batch_logits=gemma.batch_logits, forward_flops_per_token=gemma.forward_flops_per_token,
-    activation_stacks=gemma.activation_stacks)
+    activation_stacks=gemma.activation_stacks, slot_decoder=gemma_decode.slot_decoder)
 
 T5GEMMA2 = Family(
     name="t5gemma2", config_class=config_lib.T5Gemma2Config, model_types=config_lib.T5GEMMA2_MODEL_TYPES,
@@ -31,7 +31,8 @@ T5GEMMA2 = Family(
     layout_module="t5x_lite.convert.t5gemma2_layout", tokenizer="gemma",
     param_specs=t5gemma2.param_specs, forward=t5gemma2.forward, encode=t5gemma2.encode, decoder=t5gemma2.decoder,
     batch_logits=t5gemma2.batch_logits, forward_flops_per_token=t5gemma2.forward_flops_per_token,
-    activation_stacks=t5gemma2.activation_stacks, image_rows=t5gemma2.image_rows)
+    activation_stacks=t5gemma2.activation_stacks, image_rows=t5gemma2.image_rows,
+    slot_decoder=t5gemma2.slot_decoder)
 
 FAMILIES = {family.name: family for family in (T5, GEMMA, T5GEMMA2)}
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from t5x_lite import sharding
 from t5x_lite.config import T5Config
 from t5x_lite.decoding import kv_cache
-from t5x_lite.models.family import Decoder
+from t5x_lite.models.family import Decoder, SlotDecoder
 from t5x_lite.models.layers import (Attention, Stack, dense, embed, heads_from_feature_major, out_in_matrix,
                                    scan_layers, shift_right, split_rng, unstack_layers)
 from t5x_lite.models.params import ParamSpec, count_params
@@ -344,9 +344,15 @@ def cross_attention_kv(layers: list[dict], config: T5Config, encoded_BSD: jax.Ar
 
 
 def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: jax.Array, index: jax.Array,
-                 cache: dict, cross_kv: dict, encoder_mask_BS: jax.Array | None) -> tuple[jax.Array, dict]:
-  """One decoder position for every row: feeds `token_B` at slot `index` (scalar), returns the float32 logits
-  (B, V) for the next token and the cache with that slot written (in place: `dynamic_update_slice`).
+                 cache: dict, cross_kv: dict, encoder_mask_BS: jax.Array | None,
+                 self_valid_BS: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """One decoder position for every row: feeds `token_B` at position `index` (scalar), returns the float32 logits
+  (B, V) for the next token and the cache with that position written (in place: `dynamic_update_slice`).
+
+  The self-attention cache is a ring: position i lives in slot i % S_max (static decoding never wraps). Keys are
+  the slots written so far, or with `self_valid_BS` (B, S_max) the slots marked there, per row (in-flight
+  batching: a slot's request started at some earlier position). The relative bias reads each slot's distance
+  (index - slot) % S_max, the same for every row whenever its request started.
 
   `layers` is `decoder_layer_params(params, config)`; `params` gives the embedding, relpos table, final norm
   and head. Activations run feature-major, x (D, B), between the (out, in) weight matmuls.
@@ -358,8 +364,12 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
   eps = config.layer_norm_epsilon
   dec = params["decoder"]
   q_pos = jnp.full((1, 1), index, jnp.int32)
-  k_pos = masks.slot_index(1, S_max)
-  self_mask = (k_pos <= index)[:, None, None, :]  # (1, 1, 1, S_max): slots written so far, this one included
+  slot = jnp.mod(index, S_max)
+  k_pos = index - jnp.mod(index - masks.slot_index(1, S_max), S_max)  # the latest position each slot holds
+  if self_valid_BS is None:
+    self_mask = (k_pos >= 0)[:, None, None, :]  # (1, 1, 1, S_max): positions written so far, this one included
+  else:
+    self_mask = masks.key_padding_mask(self_valid_BS)
   cross_mask = None if encoder_mask_BS is None else masks.key_padding_mask(encoder_mask_BS)
   shared_bias = None if config.relative_bias_per_layer else _relpos_bias(config, dec["relpos"], q_pos, k_pos, False)
   act = ACTIVATIONS[config.mlp_activation]
@@ -376,8 +386,8 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
     bias = shared_bias if shared_bias is not None else _relpos_bias(config, p["relpos"], q_pos, k_pos, False)
     h = rms_norm(x_DB, p["attn_norm"], eps=eps, axis=0)
     q, k, v = (heads(y) for y in jnp.einsum("COD,DB->COB", p["qkv"], h))
-    new_k.append(kv_cache.write(cache["k"][i], k, index))
-    new_v.append(kv_cache.write(cache["v"][i], v, index))
+    new_k.append(kv_cache.write(cache["k"][i], k, slot))
+    new_v.append(kv_cache.write(cache["v"][i], v, slot))
     attn = cached_attention(q, kv_cache.view(new_k[i], B, N), kv_cache.view(new_v[i], B, N), mask=self_mask,
                             bias=bias)
     x_DB = x_DB + attend_out(p["o"], attn)
@@ -416,3 +426,44 @@ def decoder(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_m
 
   first = jnp.full((R,), config.decoder_start_token_id, jnp.int32)
   return Decoder(step, init_decoder_cache(config, R, max_new), first, None, reorder)
+
+
+def slot_decoder(config: T5Config, slots: int, input_length: int, cache_length: int) -> SlotDecoder:
+  """The decoder over R = `slots` requests of up to `input_length` input tokens and `cache_length` new tokens each:
+  per row, cross keys/values (R, N, input_length, H) written when its request is admitted, the encoder mask, and
+  the self-attention ring with `valid` (R, cache_length) marking its request's positions."""
+  R, N, E, S = slots, config.num_heads, input_length, cache_length
+  dtype = jnp.dtype(config.dtype)
+
+  def prepare(params):
+    return {"params": params, "layers": decoder_layer_params(params, config)}
+
+  def init():
+    cross = [kv_cache.zeros(R, N, E, config.head_dim, dtype) for _ in range(config.num_decoder_layers)]
+    return {**init_decoder_cache(config, R, S), "cross_k": cross, "cross_v": list(cross),
+            "encoder_mask": jnp.ones((R, E), bool), "valid": jnp.zeros((R, S), bool)}
+
+  def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
+    P = ids_AP.shape[1]
+    encoded = encode(weights["params"], config, ids_AP, mask_AP, **extra)
+    cross = cross_attention_kv(weights["layers"], config, encoded)
+    A = ids_AP.shape[0]
+
+    def put(old, new):  # the request's keys padded to the slots' input length
+      new_AKEH = jnp.pad(kv_cache.view(new, A, N), ((0, 0), (0, 0), (0, E - P), (0, 0)))
+      return kv_cache.put(old, rows_A, new_AKEH, R, N)
+
+    mask = jnp.pad(mask_AP.astype(bool), ((0, 0), (0, E - P)))
+    return {**cache, "cross_k": [put(o, n) for o, n in zip(cache["cross_k"], cross["k"])],
+            "cross_v": [put(o, n) for o, n in zip(cache["cross_v"], cross["v"])],
+            "encoder_mask": cache["encoder_mask"].at[rows_A].set(mask, mode="drop"),
+            "valid": cache["valid"].at[rows_A].set(False, mode="drop")}, None
+
+  def step(weights, tokens_R, cache, g):
+    valid = cache["valid"].at[:, jnp.mod(g, S)].set(True)
+    logits, kv = decoder_step(weights["params"], config, weights["layers"], tokens_R, g,
+                              {"k": cache["k"], "v": cache["v"]}, {"k": cache["cross_k"], "v": cache["cross_v"]},
+                              cache["encoder_mask"], valid)
+    return logits, {**cache, **kv, "valid": valid}
+
+  return SlotDecoder(prepare, init, admit, step, config.decoder_start_token_id)

@@ -23,7 +23,7 @@ import numpy as np
 from t5x_lite.config.t5gemma2 import T5Gemma2Config
 from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma, gemma_decode, siglip
-from t5x_lite.models.family import Decoder
+from t5x_lite.models.family import Decoder, SlotDecoder
 from t5x_lite.models.layers import Attention, Stack, dense, shift_right, unstack_layers
 from t5x_lite.models.params import ParamSpec, count_params
 from t5x_lite.nn import masks
@@ -232,6 +232,49 @@ def decoder(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, atten
 
   first = jnp.full((R,), config.decoder_start_token_id, jnp.int32)
   return Decoder(step, gemma_decode.empty_cache(cfg, R, max_new), first, None, reorder, vocab_major=True)
+
+
+def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, cache_length: int) -> SlotDecoder:
+  """The decoder over R = `slots` requests of up to `input_length` encoder tokens and `cache_length` new tokens
+  each: per row, every layer's encoder keys and values (R, K, input_length, H) and the encoder mask, written when
+  its request is admitted, beside the decoder's own caches (gemma_decode's, rings indexed by the shared clock)."""
+  cfg = config.decoder
+  R, K, E = slots, cfg.num_kv_heads, input_length
+  dtype = jnp.dtype(cfg.dtype)
+
+  def prepare(params):
+    view = _stack_view(params, "decoder")
+    return {"params": params, "view": view, "layers": gemma_decode.decode_layer_params(view, cfg)}
+
+  def init():
+    empty = [kv_cache.zeros(R, K, E, cfg.head_dim, dtype) for _ in range(cfg.num_layers)]
+    return {**gemma_decode.empty_cache(cfg, R, cache_length), "encoder_k": empty, "encoder_v": list(empty),
+            "encoder_mask": jnp.ones((R, E), bool)}
+
+  def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
+    params = weights["params"]
+    A, P = ids_AP.shape
+    encoded = encode(params, config, ids_AP, mask_AP, **extra).astype(dtype)
+    keys, values = [], []
+    for p, old_k, old_v in zip(unstack_layers(params["decoder"]["layers"], cfg.num_layers), cache["encoder_k"],
+                               cache["encoder_v"]):
+      k, v = (jnp.pad(y.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, E - P), (0, 0)))
+              for y in _encoder_keys(p, config, encoded))
+      keys.append(kv_cache.put(old_k, rows_A, k, R, K))
+      values.append(kv_cache.put(old_v, rows_A, v, R, K))
+    mask = jnp.pad(mask_AP.astype(bool), ((0, 0), (0, E - P)))
+    return {**cache, "encoder_k": keys, "encoder_v": values,
+            "encoder_mask": cache["encoder_mask"].at[rows_A].set(mask, mode="drop"),
+            "key_valid": cache["key_valid"].at[rows_A].set(False, mode="drop"),
+            "next_position": cache["next_position"].at[rows_A].set(0, mode="drop")}, None
+
+  def step(weights, tokens_R, cache, g):
+    cross = {"k": cache["encoder_k"], "v": cache["encoder_v"], "mask": masks.key_padding_mask(cache["encoder_mask"])}
+    own = {name: cache[name] for name in ("k", "v", "key_valid", "next_position")}
+    logits, own = gemma_decode.decode_step(weights["view"], cfg, weights["layers"], tokens_R, g, own, cross=cross)
+    return logits, {**cache, **own}
+
+  return SlotDecoder(prepare, init, admit, step, config.decoder_start_token_id)
 
 
 def image_rows(config: T5Gemma2Config, input_ids_BS: np.ndarray, pixel_values_I3HW) -> np.ndarray:

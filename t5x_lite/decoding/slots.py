@@ -1,0 +1,159 @@
+"""In-flight (continuous) batching: a fixed number of slots, each decoding one request; when a request ends (EOS or
+its own limit) the next takes its slot. The model-agnostic programs over a family's `SlotDecoder`.
+
+Three jitted programs, whatever the mix of requests (shapes are static; admissions are bucketed):
+  init(weights)                      -> SlotState with every slot idle
+  admit(weights, state, requests)    -> the state with A requests written into free slot rows
+  run(weights, state, want_free)     -> the state after decoding steps, stopped once `want_free` slots are free
+The host (t5x_lite/inflight.py) alternates admit and run; nothing inside a run returns to the host.
+
+Every request decides its own tokens: greedy rows take the argmax; sampling rows draw token t with
+`fold_in(request key, t)` after their own temperature / top-k / top-p, so a request's output depends on its seed
+alone, never on its slot or its neighbours. Shape letters: t5x_lite/shapes.py (R slots, A requests admitted
+together, T the widest output).
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from t5x_lite import sharding
+from t5x_lite.models.registry import family_of_config
+from t5x_lite.nn.argmax import argmax
+
+
+class SlotState(NamedTuple):
+  """Everything the slots carry between programs; per-slot fields are (R,)."""
+  cache: Any  # the family's (SlotDecoder.init)
+  clock: jax.Array  # () int32: the shared step counter that indexes the caches' rings
+  tokens: jax.Array  # the token each slot feeds at its next step
+  count: jax.Array  # tokens written to `out` so far
+  limit: jax.Array  # the request's max_new_tokens
+  done: jax.Array  # bool: finished, or idle
+  out: jax.Array  # (R, T) int32: the request's tokens so far, pad after them
+  keys: jax.Array  # (R, 2) uint32: each request's sampling key (raw key data)
+  sample: jax.Array  # bool: draws (True) or takes the argmax
+  temperature: jax.Array  # float32
+  top_k: jax.Array  # int32, 0 = no top-k filter
+  top_p: jax.Array  # float32, 1.0 = no top-p filter
+
+
+class Admission(NamedTuple):
+  """A requests for free slot rows (rows >= R: batch padding, dropped), each field (A,) unless stated."""
+  rows: jax.Array  # int32 slot row of each request
+  ids: jax.Array  # (A, P) int32, right-padded (encoder-decoder) or left-padded (decoder-only)
+  mask: jax.Array  # (A, P) int32
+  limit: jax.Array  # int32 max_new_tokens
+  keys: jax.Array  # (A, 2) uint32
+  sample: jax.Array
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  extra: dict  # the encoder's keyword inputs per request (images), {} for text
+
+
+def _filtered(logits_RV: jax.Array, temperature_R, top_k_R, top_p_R, filters: bool) -> jax.Array:
+  """decoding/sampling.filter_logits with per-row settings: temperature, then top-k (keeping ties with the k-th
+  largest), then top-p (the token that crosses p kept). `filters=False` compiles temperature alone."""
+  logits = logits_RV / temperature_R[:, None]
+  if not filters:
+    return logits
+  V = logits.shape[-1]
+  ascending = jnp.sort(logits, axis=-1)
+  kth = jnp.take_along_axis(ascending, jnp.clip(V - top_k_R, 0, V - 1)[:, None], axis=-1)
+  logits = jnp.where((top_k_R[:, None] > 0) & (logits < kth), -jnp.inf, logits)
+  order = jnp.argsort(logits, axis=-1, stable=True)
+  cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+  remove_sorted = (cumulative <= (1.0 - top_p_R)[:, None]).at[:, -1].set(False) & (top_p_R < 1.0)[:, None]
+  remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+  return jnp.where(remove, -jnp.inf, logits)
+
+
+def _choose(logits_RV, keys_R2, t_R, sample_R, temperature_R, top_k_R, top_p_R, *, sampling: bool,
+            filters: bool) -> jax.Array:
+  """(R,) int32: argmax per row, or for sampling rows one draw with fold_in(request key, t)."""
+  greedy = argmax(logits_RV, axis=-1)
+  if not sampling:
+    return greedy
+  filtered = _filtered(logits_RV.astype(jnp.float32), temperature_R, top_k_R, top_p_R, filters)
+  draw_keys = jax.vmap(lambda k, t: jax.random.fold_in(jax.random.wrap_key_data(k), t))(keys_R2, t_R)
+  drawn = jax.vmap(jax.random.categorical)(draw_keys, filtered).astype(jnp.int32)
+  return jnp.where(sample_R, drawn, greedy)
+
+
+# The clock starts here so that every prompt's clock values [clock - P, clock) are non-negative; int32 leaves
+# 2**31 - 2**20 steps after it.
+_FIRST_CLOCK = 2 ** 20
+
+
+@functools.lru_cache(maxsize=16)
+def programs(config, *, slots: int, input_length: int, cache_length: int, width: int, sampling: bool,
+             filters: bool):
+  """The jitted (prepare, init, admit, run) for `config`'s family over R = `slots` requests of up to `input_length`
+  input tokens, T = `width` new tokens each, `cache_length` self-attention positions (decoder-only: prompt and new
+  tokens). `sampling`: some request samples (greedy-only runs compile the argmax alone); `filters`: some sampling
+  request uses top-k or top-p (each step then sorts the vocabulary)."""
+  slot_decoder = family_of_config(config).slot_decoder(config, slots, input_length, cache_length)
+  R, T = slots, width
+  eos_id, pad_id = config.eos_token_id, config.pad_token_id
+  choose = functools.partial(_choose, sampling=sampling, filters=filters)
+
+  def rows(state: SlotState) -> SlotState:
+    """Per-slot arrays kept split over the batch mesh axes (no-ops without a mesh; a lone slot's cache has no
+    slot axis)."""
+    def one(x):
+      if R == 1 or x.ndim == 0 or x.shape[0] != R:
+        return x
+      return sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    return jax.tree.map(one, state)
+
+  def init(weights):  # pylint: disable=unused-argument
+    zeros = jnp.zeros((R,), jnp.int32)
+    return rows(SlotState(
+        cache=slot_decoder.init(), clock=jnp.int32(_FIRST_CLOCK), tokens=zeros, count=zeros, limit=zeros,
+        done=jnp.ones((R,), bool), out=jnp.full((R, T), pad_id, jnp.int32), keys=jnp.zeros((R, 2), jnp.uint32),
+        sample=jnp.zeros((R,), bool), temperature=jnp.ones((R,), jnp.float32), top_k=zeros,
+        top_p=jnp.ones((R,), jnp.float32)))
+
+  def admit(weights, state: SlotState, a: Admission) -> SlotState:
+    # The clock does not move: a decoder-only prompt takes the clock values just before it, in its own row.
+    cache, first_logits = slot_decoder.admit(weights, state.cache, a.rows, a.ids, a.mask, state.clock, a.extra)
+
+    def put(field, values):
+      return field.at[a.rows].set(values, mode="drop")
+
+    out = jnp.full((a.rows.shape[0], T), pad_id, jnp.int32)
+    if first_logits is None:  # encoder-decoder: the first step feeds the start token
+      tokens = jnp.full_like(a.limit, slot_decoder.start_token)
+      count, done = jnp.zeros_like(a.limit), a.limit <= 0
+    else:  # decoder-only: the prefill's logits give token 0
+      tokens = choose(first_logits, a.keys, jnp.zeros_like(a.limit), a.sample, a.temperature, a.top_k, a.top_p)
+      out = out.at[:, 0].set(tokens)
+      count, done = jnp.ones_like(a.limit), (tokens == eos_id) | (a.limit <= 1)
+    return rows(state._replace(
+        cache=cache, tokens=put(state.tokens, tokens), count=put(state.count, count), limit=put(state.limit, a.limit),
+        done=put(state.done, done), out=put(state.out, out), keys=put(state.keys, a.keys),
+        sample=put(state.sample, a.sample), temperature=put(state.temperature, a.temperature),
+        top_k=put(state.top_k, a.top_k), top_p=put(state.top_p, a.top_p)))
+
+  def run(weights, state: SlotState, want_free: jax.Array) -> SlotState:
+    """Steps every slot until at least `want_free` slots are done (all of them: pass R)."""
+
+    def cond(s):
+      return jnp.sum(s.done) < want_free
+
+    def body(s):
+      logits, cache = slot_decoder.step(weights, s.tokens, s.cache, s.clock)
+      tokens = choose(logits, s.keys, s.count, s.sample, s.temperature, s.top_k, s.top_p)
+      at = jnp.where(s.done, T, s.count)  # finished rows write nothing (index T is dropped)
+      out = s.out.at[jnp.arange(R), at].set(tokens, mode="drop")
+      count = s.count + (~s.done).astype(jnp.int32)
+      done = s.done | (tokens == eos_id) | (count >= s.limit)
+      return s._replace(cache=cache, clock=s.clock + 1, tokens=tokens, count=count, done=done, out=out)
+
+    return rows(jax.lax.while_loop(cond, body, state))
+
+  return (jax.jit(slot_decoder.prepare), jax.jit(init), jax.jit(admit, donate_argnums=1),
+          jax.jit(run, donate_argnums=1))

@@ -1,0 +1,172 @@
+"""In-flight batching on the host side: feed requests into a model's decoding slots and hand back each answer as it
+ends (decoding/slots.py holds the compiled programs).
+
+Admissions are bucketed (requests per admission and prompt length to powers of two) and the slots' sizes are fixed
+by the longest prompt and the largest `max_new_tokens` of the request list, so a run compiles one decoding program,
+one init and a few admission programs however varied its requests.
+
+After each admission the slots decode until `refill` of them are free (or all, once no request waits): a smaller
+`refill` keeps the slots fuller, a larger one admits more requests per encoder call and returns to the host less
+often.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from t5x_lite.decoding import buckets
+from t5x_lite.decoding.slots import Admission, programs
+from t5x_lite.model import Model
+from t5x_lite.models.registry import family_of_config
+
+
+class Request(NamedTuple):
+  """One generation request. `ids`: its prompt (or encoder input) tokens; `pixel_values`: its images (I, c, h, w) in
+  the processor's layout, for a model with a vision tower, or a function that loads them (called when the request
+  enters a slot, so a long list of image requests holds only the slots' images). Sampling draws with
+  fold_in(key(seed), stream), so two requests with the same seed and stream draw alike wherever they run."""
+  ids: Sequence[int]
+  max_new_tokens: int
+  method: str = "greedy"
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  stream: int = 0
+  pixel_values: np.ndarray | Callable[[], np.ndarray] | None = None
+
+
+def check_request(model, request: Request, where: str) -> None:
+  """ValueError naming `where` for a request the model cannot run (its images are checked when they load)."""
+  ids = np.asarray(request.ids)
+  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{where}: ids must be a non-empty list of token ids")
+  if ids.min() < 0 or ids.max() >= model.config.vocab_size:
+    raise ValueError(f"{where}: holds id {ids[(ids < 0) | (ids >= model.config.vocab_size)][0]}, outside the "
+                     f"vocabulary [0, {model.config.vocab_size})")
+  if request.method not in ("greedy", "sample"):
+    raise ValueError(f"{where}: method must be 'greedy' or 'sample' with in-flight batching (beam search runs in "
+                     f"static batches), got {request.method!r}")
+  check = Model._check_generation_args  # pylint: disable=protected-access  (the ranges Model.generate takes)
+  try:
+    check(request.max_new_tokens, request.method, request.temperature, request.top_k, request.top_p, 1, 1.0, "hf",
+          request.seed)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  if request.pixel_values is not None and family_of_config(model.config).image_rows is None:
+    raise ValueError(f"{where}: images given, but {model.config.family} has no vision encoder")
+
+
+def _image_row(model, request: Request) -> np.ndarray | None:
+  """The request's images laid out as one row (1, I, c, h, w) by its family (ValueError when its image tokens and
+  images disagree or they fail to load), or None."""
+  if request.pixel_values is None:
+    return None
+  pixels = request.pixel_values() if callable(request.pixel_values) else request.pixel_values
+  return family_of_config(model.config).image_rows(model.config, np.asarray(request.ids, np.int32)[None], pixels)
+
+
+def generate(model, requests: Sequence[Request], *, slots: int = 8, refill: int | None = None
+             ) -> Iterator[tuple[int, np.ndarray | ValueError]]:
+  """Yields (index into `requests`, its new tokens: int32, EOS kept, nothing after it) as each request ends; for a
+  request whose images fail to load or do not match its image tokens, (index, the ValueError) when it would start.
+
+  `slots` requests decode at once; `refill` (default slots // 4, at least 1): how many must be free before the
+  next admission. Greedy tokens equal `model.generate`'s for the same request, whatever its neighbours. Every
+  request is checked before anything runs (ValueError naming the first bad one).
+  """
+  if not isinstance(slots, int) or slots < 1:
+    raise ValueError(f"slots must be a positive integer, got {slots!r}")
+  refill = max(1, slots // 4) if refill is None else refill
+  if not isinstance(refill, int) or not 1 <= refill <= slots:
+    raise ValueError(f"refill must be an integer in [1, slots={slots}], got {refill!r}")
+  for i, r in enumerate(requests):
+    check_request(model, r, f"request {i}")
+  if not requests:
+    return
+  config = model.config
+  input_length = buckets.bucket(max(len(r.ids) for r in requests))
+  width = buckets.bucket(max(r.max_new_tokens for r in requests))
+  cache_length = width if config.is_encoder_decoder else input_length + width
+  sampling = any(r.method == "sample" for r in requests)
+  filters = any(r.method == "sample" and (r.top_k > 0 or r.top_p < 1.0) for r in requests)
+  prepare, init, admit, run = programs(config, slots=slots, input_length=input_length, cache_length=cache_length,
+                                       width=width, sampling=sampling, filters=filters)
+  keys = _request_keys(requests)
+
+  with model._mesh_context():  # pylint: disable=protected-access
+    weights = prepare(model.params)
+    state = init(weights)
+    pending = list(range(len(requests)))[::-1]  # popped from the end: input order
+    in_slot = [-1] * slots
+    while pending or any(i >= 0 for i in in_slot):
+      free = [r for r in range(slots) if in_slot[r] < 0]
+      chosen, images = [], {}
+      while pending and len(chosen) < len(free):
+        i = pending.pop()
+        try:
+          images[i] = _image_row(model, requests[i])
+        except ValueError as e:
+          yield i, e
+          continue
+        chosen.append(i)
+      if chosen:
+        rows = free[:len(chosen)]
+        state = admit(weights, state, _admission(model, requests, images, keys, chosen, rows))
+        for r, i in zip(rows, chosen):
+          in_slot[r] = i
+      busy = sum(i >= 0 for i in in_slot)
+      if not busy:
+        continue
+      want_free = slots - busy + min(len(pending), refill) if pending else slots
+      state = run(weights, state, np.int32(want_free))
+      done, count, out = jax.device_get((state.done, state.count, state.out))
+      for r in range(slots):
+        if in_slot[r] >= 0 and done[r]:
+          yield in_slot[r], out[r, :count[r]].astype(np.int32)
+          in_slot[r] = -1
+
+
+def _request_keys(requests: Sequence[Request]) -> np.ndarray:
+  """(requests, 2) uint32: each sampling request's key data, fold_in(key(seed), stream); zeros for greedy ones."""
+  out = np.zeros((len(requests), 2), np.uint32)
+  for i, r in enumerate(requests):
+    if r.method == "sample":
+      out[i] = jax.random.key_data(jax.random.fold_in(jax.random.key(r.seed), r.stream))
+  return out
+
+
+def _admission(model, requests, images: dict, keys, chosen: list[int], rows: list[int]) -> Admission:
+  """The admission arrays of requests `chosen` into slot rows `rows`, padded to bucket shapes (padding rows point
+  past the last slot, so the programs drop them; images to the most any of them has)."""
+  config = model.config
+  A = buckets.bucket(len(chosen), floor=1)
+  P = buckets.bucket(max(len(requests[i].ids) for i in chosen))
+  ids = np.full((A, P), config.pad_token_id, np.int32)
+  mask = np.zeros((A, P), np.int32)
+  row_ids = np.full((A,), np.iinfo(np.int32).max, np.int32)
+  fields = {"limit": np.ones((A,), np.int32), "sample": np.zeros((A,), bool),
+            "temperature": np.ones((A,), np.float32), "top_k": np.zeros((A,), np.int32),
+            "top_p": np.ones((A,), np.float32)}
+  request_keys = np.zeros((A, 2), np.uint32)
+  loaded = [x for x in images.values() if x is not None]
+  pixels = None
+  if loaded:
+    pixels = np.zeros((A, buckets.bucket(max(x.shape[1] for x in loaded), floor=1), *loaded[0].shape[2:]),
+                      np.float32)
+  for a, (i, row) in enumerate(zip(chosen, rows)):
+    r = requests[i]
+    n = len(r.ids)
+    cols = slice(0, n) if config.is_encoder_decoder else slice(P - n, P)
+    ids[a, cols], mask[a, cols], row_ids[a] = r.ids, 1, row
+    fields["limit"][a], fields["sample"][a] = r.max_new_tokens, r.method == "sample"
+    fields["temperature"][a], fields["top_k"][a], fields["top_p"][a] = r.temperature, r.top_k, r.top_p
+    request_keys[a] = keys[i]
+    if images.get(i) is not None:
+      pixels[a, :images[i].shape[1]] = images[i][0]
+  place = model._place  # pylint: disable=protected-access
+  extra = {} if pixels is None else {"pixel_values_BI3HW": place(pixels)}
+  return Admission(rows=place(row_ids), ids=place(ids), mask=place(mask), keys=place(request_keys), extra=extra,
+                   **{name: place(value) for name, value in fields.items()})
