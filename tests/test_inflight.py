@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_family_conformance import _built
+from test_family_conformance import TINY, _built
 import transformers as tf
 from conftest import build_hf
 from test_t5gemma2_parity import tiny_config
@@ -21,7 +21,8 @@ from t5x_lite.model import Model
 from t5x_lite.models.params import axes_tree
 from t5x_lite.models.registry import family_of_config
 
-FAMILIES = ("t5", "gemma", "t5gemma2")
+# Every registered family with a language-model head in the conformance checklist's tiny configs.
+FAMILIES = tuple(name for name, tasks in TINY.items() if "lm" in tasks)
 
 
 def _requests(config, n: int, rng_seed: int, **settings) -> list[inflight.Request]:
