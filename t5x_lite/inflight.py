@@ -122,11 +122,17 @@ def generate(model, requests: Sequence[Request], *, slots: int = 8, refill: int 
         continue
       want_free = slots - busy + min(len(pending), refill) if pending else slots
       state = run(weights, state, np.int32(want_free))
-      done, count, out = jax.device_get((state.done, state.count, state.out))
+      done, count, out = (_on_host(x) for x in (state.done, state.count, state.out))
       for r in range(slots):
         if in_slot[r] >= 0 and done[r]:
           yield in_slot[r], out[r, :count[r]].astype(np.int32)
           in_slot[r] = -1
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+  """A replicated array as numpy: this process's copy (with several processes the array spans devices this one
+  cannot read, yet each holds all of it)."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
 def _request_keys(requests: Sequence[Request]) -> np.ndarray:

@@ -101,13 +101,17 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
   choose = functools.partial(_choose, sampling=sampling, filters=filters)
 
   def rows(state: SlotState) -> SlotState:
-    """Per-slot arrays kept split over the batch mesh axes (no-ops without a mesh; a lone slot's cache has no
-    slot axis)."""
-    def one(x):
+    """The caches split over the batch mesh axes by slot; the small per-slot fields replicated, so that every
+    process reads them whole after a run (no-ops without a mesh; a lone slot's cache has no slot axis)."""
+    def split(x):
       if R == 1 or x.ndim == 0 or x.shape[0] != R:
         return x
       return sharding.constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
-    return jax.tree.map(one, state)
+
+    def replicated(x):
+      return sharding.constrain(x, (None,) * x.ndim)
+
+    return jax.tree.map(replicated, state._replace(cache=None))._replace(cache=jax.tree.map(split, state.cache))
 
   def init(weights):  # pylint: disable=unused-argument
     zeros = jnp.zeros((R,), jnp.int32)
