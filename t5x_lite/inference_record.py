@@ -2,10 +2,10 @@
 
 The record is OUT.jsonl.run (`record_path`). Its first line is a JSON object: the model (resolved path, the
 latest checkpoint step of a train.py workdir, and the size and modification time of each file loading reads), the
---tokenizer override (likewise), and every setting that changes answers. Not --batch-size or --mesh: they change no
-greedy or beam answer beyond float rounding, and a smaller batch is the usual fix for a run that ran out of memory
-(with --method sample a line's draws do depend on its batch, but every answer is still a sample of the settings
-recorded). Each further line is the digest of one input line, appended (and fsync'd) before that line's answer is
+--tokenizer override (likewise), and every setting that changes answers. Not --batch-size, --batching or --mesh:
+they change no greedy or beam answer beyond float rounding, and a smaller batch is the usual fix for a run that ran
+out of memory (with --batching static and --method sample a line's draws depend on its batch, but every answer is
+still a sample of the settings recorded; in-flight draws depend on the line alone). Each further line is the digest of one input line, appended (and fsync'd) before that line's answer is
 written, so the record always covers every answer in the output and a corrected input line among them is found on
 resume.
 
