@@ -1,36 +1,38 @@
 """Pretrain or fine-tune with gin configs on a device mesh, resuming from the latest checkpoint in --workdir.
 
   python train.py --gin_file=configs/runs/demo.gin [--gin_file=...] [--gin.TRAIN_STEPS=40 ...] --workdir DIR
-  multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  multi-host: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I [--coordinator_timeout=300]
 
 `--gin.NAME=VALUE` is a gin binding (`NAME = VALUE`): a macro such as TRAIN_STEPS or a parameter such as
 train.log_every. Gin files are read from the working directory, else from the project's configs (so
-`configs/runs/demo.gin` works from anywhere). SIGTERM or Ctrl-C saves a checkpoint and exits 0; rerunning the same
-command continues the run. A workdir is used by one run at a time.
+`configs/runs/demo.gin` works from anywhere). SIGTERM or Ctrl-C saves a checkpoint and exits 0 (on several hosts, a
+signal to any one of them makes all save the same step); rerunning the same command continues the run, also on
+another number of devices or processes (the global batch must stay the same unless
+--gin.train.allow_batch_size_change=True). A workdir is used by one run at a time. The mesh:
+--gin.train.mesh_spec="'fsdp:4,tensor:2'" (default: every device on data).
 """
 
 import argparse
 import os
 import sys
+import textwrap
 
 
 def parse_args(argv):
+  from t5x_lite import multihost  # pylint: disable=import-outside-toplevel  (no JAX)
   from t5x_lite.training.gin_files import split_gin_flags  # pylint: disable=import-outside-toplevel  (no JAX)
   bindings, rest = split_gin_flags(argv)
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  from t5x_lite.mesh_spec import MESH_SPEC_HELP  # pylint: disable=import-outside-toplevel  (no JAX)
+  notes = [__doc__.split("\n\n", 1)[1].strip(), textwrap.fill(MESH_SPEC_HELP, 115, break_on_hyphens=False)]
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="\n\n".join(notes),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--coordinator_address", default=None)
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
+  multihost.add_flags(p)
   args = p.parse_args(rest)
   if not args.gin_file:
     p.error("give at least one --gin_file (e.g. configs/runs/demo.gin)")
-  multi_host = (args.coordinator_address, args.num_processes, args.process_id)
-  if any(a is not None for a in multi_host) and (None in multi_host):
-    p.error("multi-host runs need all of --coordinator_address, --num_processes and --process_id")
-  if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
-    p.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
+  multihost.check_flags(p, args)
   return args, bindings
 
 
@@ -38,13 +40,8 @@ def main(argv=None) -> int:
   args, bindings = parse_args(sys.argv[1:] if argv is None else argv)
   from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
   set_cpu_defaults()
-  import jax  # pylint: disable=import-outside-toplevel
-  if args.coordinator_address or args.num_processes:
-    # CPU processes reach each other through gloo; the setting only concerns CPU devices, so it is harmless
-    # on GPU/TPU hosts (and asking for the backend here would initialise it too early).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
+  from t5x_lite import multihost  # pylint: disable=import-outside-toplevel
+  multihost.initialize(args, "train.py")  # a coordinator that does not answer in time: exit 2 naming its address
   import t5x_lite.config  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (registers configurables)
   from t5x_lite.data import pipeline  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   from t5x_lite.training import gin_files  # pylint: disable=import-outside-toplevel

@@ -2,17 +2,21 @@
 
 Every parameter and the main activations carry logical axis names (`embed`, `heads`, `mlp`, ...);
 `LOGICAL_AXIS_RULES` maps each to mesh axes (`data`, `fsdp`, `tensor`). No mesh axis name appears in any
-other module. A dimension that a mesh axis does not divide is replicated instead of failing.
+other module but mesh_spec.py, which reads the specs. A dimension that a mesh axis does not divide is replicated
+instead of failing.
 """
 
 import math
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from t5x_lite import mesh_spec
+
+# The spec's names, read from here too (inspect.py, tests).
+MESH_AXES, parse_mesh_spec, parse_hybrid_spec = (mesh_spec.MESH_AXES, mesh_spec.parse_mesh_spec,
+                                                 mesh_spec.parse_hybrid_spec)
 
 # Logical axis -> mesh axes, in priority order. Parameters use the plain names; activations the `act_` ones.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
@@ -38,26 +42,42 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def parse_mesh_spec(spec: str) -> dict[str, int]:
-  """'data:2,fsdp:2,tensor:2' -> {'data': 2, 'fsdp': 2, 'tensor': 2}; axes left out have size 1."""
-  sizes = {axis: 1 for axis in MESH_AXES}
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    name, sep, size = part.partition(":")
-    if not sep or name not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
-      raise ValueError(f"bad mesh spec {spec!r}: each part must be AXIS:SIZE with AXIS in {MESH_AXES} "
-                       f"and SIZE a positive integer (got {part!r})")
-    sizes[name] = int(size)
-  return sizes
-
-
 def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes (data, fsdp, tensor) from a spec like 'data:2,tensor:4' over `devices` (all by default)."""
-  sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {a: spec.get(a, 1) for a in MESH_AXES}
+  """A Mesh with axes (data, fsdp, tensor) from a spec like 'data:2,tensor:4' over `devices` (all by default).
+
+  Devices are arranged by `jax.experimental.mesh_utils` (TPU: along the physical torus; GPU: by global id), not in
+  list order. A spec with DCN axes (MESH_SPEC_HELP) is a hybrid mesh: slices (devices' `slice_index`; processes
+  where devices all say one slice, as on CPU and GPU) along the DCN factors, the spec's other factors within each.
+  (mesh_spec.MESH_SPEC_HELP: the syntax.)
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  if isinstance(spec, str):
+    ici, dcn = parse_hybrid_spec(spec)
+  else:
+    ici, dcn = {a: spec.get(a, 1) for a in MESH_AXES}, {a: 1 for a in MESH_AXES}
   devices = list(jax.devices() if devices is None else devices)
+  sizes = {a: ici[a] * dcn[a] for a in MESH_AXES}
   want = math.prod(sizes.values())
   if want != len(devices):
     raise ValueError(f"mesh {sizes} needs {want} devices but {len(devices)} are available")
-  return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+  ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+  if math.prod(dcn_shape) == 1:
+    # allow_split_physical_axes: a mesh axis may span part of a physical one (e.g. tensor:2 on a 4x4 slice) rather
+    # than the spec being refused; the helper still keeps each axis on neighbouring chips.
+    grid = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+  else:
+    # TPU multi-slice devices tell their slice; CPU and GPU devices say slice 0 (or nothing): their processes are
+    # the units joined by the slower network.
+    by_slice = len({getattr(d, "slice_index", None) for d in devices}) > 1
+    granule = "slice_index" if by_slice else "process_index"
+    granules = len({getattr(d, granule) for d in devices})
+    if granules != math.prod(dcn_shape):
+      unit = "slices" if by_slice else "processes (the slices of CPU and GPU runs)"
+      raise ValueError(f"mesh spec {spec!r}: its DCN factors multiply to {math.prod(dcn_shape)} but the devices form "
+                       f"{granules} {unit}")
+    grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=not by_slice,
+                                                allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int]) -> PartitionSpec:

@@ -111,6 +111,40 @@ def test_resume_from_saved_state_sees_the_uninterrupted_batches(config):
     resumed.close()
 
 
+def test_states_saved_by_two_hosts_resume_on_one_and_on_four():
+  """Elastic resume: the lanes two hosts saved continue on one host (or four) with the very batches the two would
+  have read next, as rows of the global batch."""
+  hosts = [data.make_batches(UL2, TOK, documents=DOCS, process_index=i, process_count=2) for i in range(2)]
+  for it in hosts:
+    for _ in range(3):
+      next(it)
+  lanes = data.pipeline.lanes_of_states([json.loads(json.dumps(it.get_state())) for it in hosts])
+  expected = [np.concatenate(rows) for rows in zip(*[[next(it)["input_ids"] for _ in range(3)] for it in hosts])]
+  for count in (1, 4):
+    resumed = [data.make_batches(UL2, TOK, documents=DOCS, process_index=i, process_count=count) for i in range(count)]
+    for i, it in enumerate(resumed):
+      it.set_state(data.pipeline.host_state(lanes, process_index=i, process_count=count))
+    got = [np.concatenate(rows) for rows in zip(*[[next(it)["input_ids"] for _ in range(3)] for it in resumed])]
+    _assert_same([{"input_ids": g} for g in got], [{"input_ids": e} for e in expected])
+
+
+def test_another_batch_size_resumes_where_no_document_is_skipped():
+  """allow_batch_size_change: 4 rows -> 2 rows (no shuffle, so a document's index is its place in the stream): the
+  new rows begin at the returned document, and every document before it was read before the change."""
+  config = data.DataConfig(**{**LM.__dict__, "shuffle": False})
+  it = data.make_batches(config, TOK, documents=DOCS, process_index=0, process_count=1)
+  before = {_doc_of(t) for _ in range(5) for t in next(it)["target_ids"].ravel() if t > 1}
+  smaller = data.DataConfig(**{**config.__dict__, "batch_size": 2})
+  resumed = data.make_batches(smaller, TOK, documents=DOCS, process_index=0, process_count=1)
+  lanes, start = data.pipeline.rebatched_lanes(data.pipeline.lanes_of_states([it.get_state()]), 2,
+                                               resumed.get_state()["parents"][0])
+  resumed.set_state(data.pipeline.host_state(lanes, process_index=0, process_count=1))
+  after = {_doc_of(t) for _ in range(5) for t in next(resumed)["target_ids"].ravel() if t > 1}
+  assert 0 < start < max(before)
+  assert set(range(start)) <= before
+  assert min(after) == start
+
+
 def test_lm_epoch_covers_every_document_once_in_order_of_the_shuffle(tmp_path):
   (tmp_path / "a.txt").write_text("\n".join(DOCS[:30]) + "\n\n")
   (tmp_path / "b.txt").write_text("\n".join(DOCS[30:60]))

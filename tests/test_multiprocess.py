@@ -1,6 +1,8 @@
 """Two processes on one machine (2 CPU devices each, gloo collectives) train to the same losses and params as
 one process with 4 devices and the same global batch; each process reads only its own share of the data; and a
-two-process run killed with SIGKILL after a checkpoint resumes exactly (each process restores its own iterator)."""
+two-process run killed with SIGKILL after a checkpoint resumes exactly (each process restores its own iterator).
+Pod behaviour with processes as hosts: SIGTERM on one host stops both at one step; a run resumes on other device and
+process counts (elastic); a hybrid mesh with processes as slices equals one process; a missing coordinator exits 2."""
 
 import json
 import os
@@ -40,11 +42,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_two(workdir, cache):
+def _start_two(workdir, cache, *extra, devices=2):
   port = _free_port()
   return [subprocess.Popen(_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                f"--process_id={i}"), cwd=REPO, env=_env(2, cache), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+                                f"--process_id={i}", *extra), cwd=REPO, env=_env(devices, cache),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
 def _finish(procs):
@@ -75,12 +77,13 @@ def one_process(tmp_path_factory, cache):
   return workdir
 
 
-def _assert_same_run(ours, ref):
+def _assert_same_run(ours, ref, rel=1e-5):
   a, b = _metrics(ref), _metrics(ours)
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   for step in a:
-    assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
+    assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=rel), step
     assert b[step]["tokens"] == a[step]["tokens"], step
+    assert b[step]["data_checksum"] == a[step]["data_checksum"], step  # the same global batch, example for example
   pa = t5x_lite.load(ref, progress=False).params
   pb = t5x_lite.load(ours, progress=False).params
   import jax  # pylint: disable=import-outside-toplevel
@@ -115,3 +118,104 @@ def test_two_processes_killed_and_resumed_equal_one(one_process, tmp_path, cache
   states = [open(os.path.join(workdir, "checkpoints", str(resumed_at), "data", f"process_{i}-of-2.json")).read()
             for i in range(2)]
   assert states[0] != states[1]  # else restoring one host's state on both would pass this test too
+
+
+def test_no_coordinator_is_a_clear_error_in_time(tmp_path):
+  """Process 1 of 2 with nobody at the coordinator's address: one line naming it, exit 2, within the timeout."""
+  address = f"127.0.0.1:{_free_port()}"
+  started = time.time()
+  r = subprocess.run(_cmd(str(tmp_path / "w"), f"--coordinator_address={address}", "--num_processes=2",
+                          "--process_id=1", "--coordinator_timeout=3"), cwd=REPO, env=_env(2, str(tmp_path)),
+                     capture_output=True, text=True, timeout=120)
+  took = time.time() - started
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert f"could not join the coordinator at {address}" in r.stderr and "--coordinator_timeout=3 s" in r.stderr
+  assert "Traceback" not in r.stderr and "DEADLINE_EXCEEDED" not in r.stderr, r.stderr[-3000:]
+  assert took < 3 + 30, took  # the timeout plus the start-up (imports) of a loaded 2-core machine
+
+
+def _lines(path):
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return f.read().count("\n")
+
+
+MESH8 = "data:2,fsdp:2,tensor:2"
+NO_REPORT = "--gin.run.report_spans=False"
+
+
+def _mesh(spec):
+  return f"--gin.train.mesh_spec='{spec}'"
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, cache):
+  """The uninterrupted reference of the elastic and hybrid runs: one process, 8 devices, weights over fsdp and
+  tensor (so that a restore on fewer devices must reshard them)."""
+  workdir = str(tmp_path_factory.mktemp("eight"))
+  r = subprocess.run(_cmd(workdir, _mesh(MESH8), NO_REPORT), cwd=REPO, env=_env(8, cache), capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir
+
+
+def test_sigterm_to_one_process_of_a_hybrid_mesh_stops_both_at_one_step(eight_devices, tmp_path, cache):
+  """Two processes of 4 devices each on the hybrid mesh dcn_data:2,fsdp:2,tensor:2 (each process a slice: the
+  reference's mesh shape, built by create_hybrid_device_mesh). SIGTERM reaches process 1 only (a preempted host):
+  both save the same step and exit 0, and the restarted pair ends on the single-process run's losses, examples
+  (data_checksum per step) and params."""
+  workdir = str(tmp_path / "preempted")
+  hybrid = _mesh("dcn_data:2,fsdp:2,tensor:2")
+  procs = _start_two(workdir, cache, hybrid, devices=4)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and _lines(metrics) < 2 and all(p.poll() is None for p in procs):
+    time.sleep(0.01)
+  assert all(p.poll() is None for p in procs), "the pair ended before it could be preempted"
+  procs[1].send_signal(signal.SIGTERM)
+  errs = _finish(procs)
+  saved = [int(err.split(": saved step ")[1].split(",")[0]) for err in errs]
+  assert "SIGTERM: saved step" in errs[1] and "another process" in errs[0], errs[0][-2000:]
+  assert saved[0] == saved[1] < STEPS, saved
+  errs = _finish(_start_two(workdir, cache, hybrid, devices=4))
+  assert f"resuming from the checkpoint of step {saved[0]}" in errs[0], errs[0][-2000:]
+  _assert_same_run(workdir, eight_devices)
+
+
+def _kill_after_checkpoint(procs, workdir, after):
+  """SIGKILL every process once a checkpoint past step `after` is complete; returns that step."""
+  directory = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  done = lambda: [int(n) for n in os.listdir(directory) if n.isdigit() and int(n) > after] \
+      if os.path.isdir(directory) else []  # noqa: E731  (orbax renames a finished step's directory to its number)
+  while time.time() < deadline and not done() and all(p.poll() is None for p in procs):
+    time.sleep(0.01)
+  running = all(p.poll() is None for p in procs)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+  assert running and done(), "the run ended before it could be killed after a checkpoint"
+  return min(done())
+
+
+def test_elastic_resume_on_other_device_and_process_counts(eight_devices, tmp_path, cache):
+  """1 process x 8 devices, killed; resumed on 2 processes x 2 devices, killed; finished on 1 process x 2 devices.
+  The global batch of every step is the uninterrupted run's (data_checksum per step), the losses agree within 1e-5
+  and the final params within rtol 1e-5 / atol 1e-6 (the reductions run in another order on other meshes); a
+  restart with another global batch is refused, naming both."""
+  workdir = str(tmp_path / "elastic")
+  first = subprocess.Popen(_cmd(workdir, _mesh(MESH8), NO_REPORT), cwd=REPO, env=_env(8, cache),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  saved = _kill_after_checkpoint([first], workdir, 0)
+  second = _start_two(workdir, cache, _mesh("fsdp:2,tensor:2"))
+  saved_again = _kill_after_checkpoint(second, workdir, saved)
+  refused = subprocess.run(_cmd(workdir, "--gin.BATCH_SIZE=8", NO_REPORT), cwd=REPO, env=_env(2, cache),
+                           capture_output=True, text=True, timeout=600)
+  assert refused.returncode == 2 and "global batch of 4 rows and this run's is 8" in refused.stderr, refused.stderr
+  last = subprocess.run(_cmd(workdir, _mesh("fsdp:2"), NO_REPORT), cwd=REPO, env=_env(2, cache),
+                        capture_output=True, text=True, timeout=600)
+  assert last.returncode == 0, last.stderr[-3000:]
+  assert f"resuming from the checkpoint of step {saved_again}" in last.stderr, (saved, saved_again)
+  assert 0 < saved < saved_again < STEPS
+  _assert_same_run(workdir, eight_devices)

@@ -132,3 +132,18 @@ def test_optimizer_state_follows_its_params():
   v_col = next(spec for key, spec in leaves.items() if "v_col['w']" in key)
   assert (v_row, v_col) == (P(None, "tensor"), P("fsdp", "tensor")), leaves  # (128, 64) and (256, 64)
   assert leaves["[0].v['b']"] == P("tensor")  # too small to factor: the full second moment
+
+
+def test_hybrid_mesh_spec():
+  """DCN factors multiply their axis (the logical-axis rules see data, fsdp, tensor only); on one process, a DCN
+  factor above 1 is refused naming the process count (processes are the slices of a CPU run)."""
+  assert sharding.parse_mesh_spec("dcn_data:2,fsdp:2,tensor:2") == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert sharding.parse_hybrid_spec("dcn_data:2,data:2,tensor:2") == ({"data": 2, "fsdp": 1, "tensor": 2},
+                                                                      {"data": 2, "fsdp": 1, "tensor": 1})
+  assert dict(t5x_lite.make_mesh("dcn_data:1,fsdp:4,tensor:2").shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  with pytest.raises(ValueError, match="DCN factors multiply to 2 but the devices form 1 processes"):
+    t5x_lite.make_mesh("dcn_data:2,fsdp:2,tensor:2")
+  with pytest.raises(ValueError, match="each once"):
+    t5x_lite.make_mesh("data:2,data:4")
+  with pytest.raises(ValueError, match="dcn_AXIS"):
+    t5x_lite.make_mesh("dcn_model:2")

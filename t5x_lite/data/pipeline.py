@@ -264,6 +264,54 @@ def _host_lanes(batch_size: int, process_index: int | None, process_count: int |
   return range(process_index * per_host, (process_index + 1) * per_host)
 
 
+def lanes_of_states(states: Sequence[dict]) -> list[dict]:
+  """The global batch's lane states in row order, from the iterator states (`get_state()`) of hosts 0, 1, ... of a
+  run: host i's state holds its own lanes in order (`_host_lanes`), so the lanes are the hosts' in turn."""
+  lanes = []
+  for i, state in enumerate(states):
+    if not isinstance(state, dict) or not isinstance(state.get("parents"), list):
+      got = f"keys {sorted(state)}" if isinstance(state, dict) else type(state).__name__
+      raise ValueError(f"host {i}'s data iterator state is not one of make_batches' lane states (got {got})")
+    lanes.extend(state["parents"])
+  return lanes
+
+
+def host_state(lanes: Sequence[dict], *, process_index: int | None = None, process_count: int | None = None) -> dict:
+  """This host's iterator state (for `set_state` of `make_batches`' iterator) from the global lane states: a lane
+  goes on from where it stood whichever host now holds it, so a run saved by any number of hosts resumes on any
+  other with the next unseen examples (the global batch, `len(lanes)` rows, must be the same)."""
+  return {"parents": [lanes[j] for j in _host_lanes(len(lanes), process_index, process_count)]}
+
+
+def rebatched_lanes(lanes: Sequence[dict], batch_size: int, fresh_lane: dict) -> tuple[list[dict], int]:
+  """Lane states for a global batch of `batch_size` rows from those of a run with `len(lanes)` rows, when the user
+  accepts the change: lane j of B reads documents j, j+B, ... of the shuffled stream, so another B regroups the
+  stream and no exact position carries over. Every new lane starts at the first document some old lane had not
+  wholly packed into emitted rows (no document is skipped); documents past it that faster lanes had read are read
+  again. `fresh_lane` is a lane state of a new iterator (the template). Returns (the lanes, that document's index
+  in the shuffled stream)."""
+  old = len(lanes)
+  # A lane's source position is where its packer's current round began (packing.py): its documents before that
+  # are in emitted rows; the one before it may still have examples in the round, hence n - 1.
+  start = min(j + max(_source_index(lane) - 1, 0) * old for j, lane in enumerate(lanes))
+  return [_with_source_index(fresh_lane, -(-max(start - j, 0) // batch_size)) for j in range(batch_size)], start
+
+
+def _source_index(lane: dict) -> int:
+  """The next document index (within its lane) of a lane state: the innermost `next_index` of its parents."""
+  while "parent" in lane:
+    lane = lane["parent"]
+  if "next_index" not in lane:
+    raise ValueError(f"a lane state without a source position ({sorted(lane)}): not one of make_batches' states")
+  return int(lane["next_index"])
+
+
+def _with_source_index(lane: dict, index: int) -> dict:
+  if "parent" in lane:
+    return {**lane, "parent": _with_source_index(lane["parent"], index)}
+  return {**lane, "next_index": index}
+
+
 def check_documents(docs: Sequence[sources.Document], config: DataConfig, processor=None) -> None:
   """ValueError naming the first document the objective cannot read (its file:line when `docs` came from
   `sources.read_documents`), before training starts rather than when the shuffled stream reaches it: its fields,

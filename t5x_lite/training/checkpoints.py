@@ -1,7 +1,8 @@
 """Run checkpoints with orbax: async saves every N steps, keep the last K, restore the latest.
 
 A step directory holds `params`, `opt_state`, `data` (the input iterators' states: one JSON file per process,
-as each host reads its own lanes of the batch) and `config` (the model config, JSON), so a workdir is
+as each host reads its own lanes of the batch; read back as the global batch's lanes, so that a run resumes on
+another process count) and `config` (the model config, JSON), so a workdir is
 self-describing: `t5x_lite.load(workdir)` reads the params and config of
 its latest checkpoint without knowing the optimizer. Orbax writes into a temporary directory and renames it when
 complete, so a process killed at any moment (kill -9 included) leaves the previous checkpoint loadable;
@@ -18,6 +19,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from t5x_lite.data import pipeline
 from t5x_lite.errors import ConversionError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -49,22 +51,31 @@ class RunCheckpoints:
         data=grain.checkpoint.CheckpointSave(batches), config=ocp.args.JsonSave(json.loads(config_json))),
                              force=True)
 
-  def restore(self, step: int, abstract_state, batches: grain.DatasetIterator) -> dict:
-    """The state at `step` (`abstract_state` gives shapes, dtypes and shardings); this process's input iterator
-    `batches` is set to where it was at that step."""
+  def restore(self, step: int, abstract_state, batches: grain.DatasetIterator, *,
+              allow_batch_size_change: bool = False) -> dict:
+    """The state at `step` (`abstract_state` gives shapes, dtypes and shardings: orbax reads each array into them,
+    so the run may have another device or process count than the one that saved it); this process's input iterator
+    `batches` is set to where its lanes were at that step (saved_data_lanes), whichever process saved them."""
+    lanes = saved_data_lanes(self.directory, step)
+    fresh = batches.get_state()
+    batch_size, saved_batch_size = len(fresh["parents"]) * jax.process_count(), len(lanes)
+    start = None
+    if saved_batch_size != batch_size:
+      if not allow_batch_size_change:
+        raise batch_size_refusal(self.directory, step, saved_batch_size, batch_size)
+      lanes, start = pipeline.rebatched_lanes(lanes, batch_size, fresh["parents"][0])
     items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
              "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"])}
-    legacy_data = self._data_state_file(step)
-    if legacy_data is None:
-      items["data"] = grain.checkpoint.CheckpointRestore(batches)
     with readable(self.manager, step):
       saved_opt_state = self.manager.item_metadata(step)["opt_state"]
     self._check_optimizer_layout(step, saved_opt_state, abstract_state["opt_state"])
     with readable(self.manager, step):
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if legacy_data is not None:
-      with open(legacy_data) as f:
-        batches.set_state(json.load(f))
+    batches.set_state(pipeline.host_state(lanes))
+    if start is not None and jax.process_index() == 0:
+      print(f"WARNING: the global batch changed from {saved_batch_size} to {batch_size} "
+            f"rows: the data resumes at document {start} of the shuffled stream, the first one some row had not "
+            "finished; later documents that other rows had read are read again", file=sys.stderr)
     return {"step": step, "params": restored["params"], "opt_state": restored["opt_state"]}
 
   def _check_optimizer_layout(self, step: int, saved, target) -> None:
@@ -94,28 +105,47 @@ class RunCheckpoints:
         "optimizer that saved it, or start a new workdir from its weights (the optimizer state starts afresh): "
         f"--gin.train.init_params_from=\"'{workdir}'\"")
 
-  def _data_state_file(self, step: int) -> str | None:
-    """None when `step` holds this process's iterator state as grain writes it (data/process_<i>-of-<n>.json);
-    the file to read for a single-process checkpoint of the earlier layout (one JSON state, data/metadata);
-    ValueError naming the counts when the step was saved by another number of processes."""
-    directory = os.path.join(self.directory, str(step), "data")
-    index, count = jax.process_index(), jax.process_count()
-    if os.path.exists(os.path.join(directory, f"process_{index}-of-{count}.json")):
-      return None
-    saved = sorted(f for f in os.listdir(directory) if f.startswith("process_")) if os.path.isdir(directory) else []
-    if count == 1 and not saved and os.path.exists(os.path.join(directory, "metadata")):
-      return os.path.join(directory, "metadata")
-    writers = f"{saved[0].rsplit('-of-', 1)[1][:-len('.json')]} processes" if saved else "no process"
-    raise ValueError(f"checkpoint step {step} in {self.directory}: its data iterator states were saved by {writers} "
-                     f"({', '.join(saved) or 'data/ holds none'}); this run has {count} process(es): resume with "
-                     "the same number of processes")
-
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def saved_data_lanes(directory: str, step: int) -> list[dict]:
+  """The global batch's lane states saved at `step` under `directory` (WORKDIR/checkpoints), in row order: every
+  process's data/process_<i>-of-<n>.json (grain's handler; each holds that process's lanes), or a single-process
+  checkpoint of the earlier layout (one state in data/metadata). ValueError naming what is missing."""
+  data = os.path.join(directory, str(step), "data")
+  names = sorted(f for f in os.listdir(data) if f.startswith("process_")) if os.path.isdir(data) else []
+  if not names and os.path.exists(os.path.join(data, "metadata")):
+    paths = [os.path.join(data, "metadata")]
+  else:
+    counts = {name.rsplit("-of-", 1)[-1].removesuffix(".json") for name in names}
+    count = int(counts.pop()) if len(counts) == 1 and all(c.isdigit() for c in counts) else 0
+    paths = [os.path.join(data, f"process_{i}-of-{count}.json") for i in range(count)]
+    missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
+    if not count or missing:
+      held = ", ".join(names) or "data/ holds none"
+      raise ValueError(f"checkpoint step {step} in {directory}: its data iterator states are incomplete ({held}"
+                       f"{'; missing ' + ', '.join(missing) if missing else ''})")
+  states = []
+  for path in paths:
+    with open(path) as f:
+      states.append(json.load(f))
+  try:
+    return pipeline.lanes_of_states(states)
+  except ValueError as e:
+    raise ValueError(f"checkpoint step {step} in {directory}: {e}") from None
+
+
+def batch_size_refusal(directory: str, step: int, saved: int, now: int) -> ValueError:
+  return ValueError(
+      f"checkpoint step {step} in {directory} was saved with a global batch of {saved} rows and this run's is {now} "
+      f"(DataConfig.batch_size): resume with --gin.BATCH_SIZE={saved} (any process or device count that divides "
+      f"it), or accept a regrouped data stream with --gin.train.allow_batch_size_change=True (no document is "
+      "skipped, some are read again)")
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
