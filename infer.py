@@ -3,6 +3,9 @@
   python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
                   [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
                   [--batching inflight|static]
+  multi-host: the same command on every host, plus --coordinator_address=HOST:PORT --num_processes=N
+              --process_id=I: the model is sharded over every host's devices (--mesh, default fsdp over all of
+              them), every host runs each batch, process 0 alone writes the output
 
 Input (--input): one JSON object per line holding its input under "text" (a string), "input_ids" (a list of token
 ids) or "inputs" (either: the name train.py's seq2seq records use), and for --mode score its target under "target"
@@ -33,10 +36,13 @@ setting, an output that is the input, cannot be written, is not this tool's, or 
 
 import argparse
 import sys
+import textwrap
 
 
 def main(argv=None) -> int:
+  from t5x_lite.mesh_spec import MESH_SPEC_HELP  # pylint: disable=import-outside-toplevel  (no JAX)
   title, _, *notes = __doc__.split("\n\n")  # --help: the title, argparse's usage, then the notes on lines and files
+  notes.append(textwrap.fill(MESH_SPEC_HELP, 115, break_on_hyphens=False))
   p = argparse.ArgumentParser(description=title, epilog="\n\n".join(notes),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="HF model dir, t5x_lite checkpoint, or train.py workdir")
@@ -56,12 +62,16 @@ def main(argv=None) -> int:
   p.add_argument("--batching", choices=["inflight", "static"], default="inflight",
                  help="inflight: a finished line's slot takes the next line at once; static: fixed batches (beam "
                       "search always)")
-  p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor)")
+  p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor; "
+                 "the syntax below)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
   p.add_argument("--overwrite", action="store_true",
                  help="answer every line afresh, discarding the answers an earlier run left in --output")
+  from t5x_lite import multihost  # pylint: disable=import-outside-toplevel  (no JAX)
+  multihost.add_flags(p, underscores=False)
   args = p.parse_args(argv)
+  multihost.check_flags(p, args)
   # t5x_lite.inference imports numpy only (no JAX): the checks below run in a fraction of a second.
   from t5x_lite import inference, inference_record  # pylint: disable=import-outside-toplevel
   try:  # every run-wide setting, before the model loads: a bad one would otherwise fail each line in turn
@@ -80,19 +90,28 @@ def main(argv=None) -> int:
 
   from t5x_lite.xla_flags import set_cpu_defaults  # pylint: disable=import-outside-toplevel
   set_cpu_defaults()
+  multihost.initialize(args, p.prog)  # a coordinator that does not answer in time: exit 2 naming its address
+  import jax  # pylint: disable=import-outside-toplevel
   import t5x_lite  # pylint: disable=import-outside-toplevel
   from t5x_lite.models.registry import family_of_config  # pylint: disable=import-outside-toplevel
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  processes = jax.process_count()
   try:
-    mesh = t5x_lite.make_mesh(args.mesh) if args.mesh else None
+    # Several processes: the model is sharded over all their devices (fsdp by default), each runs every batch.
+    mesh_spec = args.mesh or (f"fsdp:{jax.device_count()}" if processes > 1 else None)
+    mesh = t5x_lite.make_mesh(mesh_spec) if mesh_spec else None
     model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh)
     if args.tokenizer:
       model.tokenizer = load_tokenizer(args.tokenizer, family_of_config(model.config).tokenizer)
       if model.tokenizer is None:
         raise ValueError(f"{args.tokenizer}: no tokenizer file (spiece.model / tokenizer.model) found")
-    stats = inference.run_file(model, args.input, args.output, options, run=run, overwrite=args.overwrite)
+    stats = inference.run_file(model, args.input, args.output, options, run=run, overwrite=args.overwrite,
+                               writes=jax.process_index() == 0, agree=multihost.agree_on_first if processes > 1
+                               else None)
   except (t5x_lite.ConversionError, ValueError, OSError) as e:
     return _fail(p, e)
+  if jax.process_index():
+    return 0
   errors = f"{stats['errors']} errors"
   resumed = ""
   if stats["resumed_at"]:

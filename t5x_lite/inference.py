@@ -16,13 +16,14 @@ A run-wide mistake (a bad setting, an output file that is the input, not writabl
 raises ValueError before anything is written: reported once per line instead, it would be kept by every resumed run.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -475,9 +476,14 @@ def _open_run(output_path: str, run: dict, done: int):
 
 
 def run_file(model, input_path: str, output_path: str, options: InferenceOptions, *, run: dict,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, writes: bool = True,
+             agree: Callable[[int], int] | None = None) -> dict:
   """Answers every line of `input_path` into `output_path`, resuming after its complete lines when `run`
   (inference_record.describe) is what made them (check_files), afresh with `overwrite`.
+
+  Several processes sharing a sharded model (multi-host infer.py) all run this, batch for batch: only the one with
+  `writes` touches the output and its record; `agree(answers kept)` returns the count every process resumes
+  after (process 0's), and, being a collective, holds the writer back until every process has read the output.
 
   Returns {"lines", "resumed_at", "errors" (all error lines in the file), "earlier_errors" (those of them kept
   from the earlier run)}.
@@ -485,18 +491,22 @@ def run_file(model, input_path: str, output_path: str, options: InferenceOptions
   if model.config.task != "lm":  # every batch would fail: refuse once rather than write an error per line
     raise ValueError(f"{options.mode} needs a language-model head; this model's task is {model.config.task!r}")
   lines, done, earlier_errors = check_files(input_path, output_path, run, overwrite=overwrite)
+  if agree is not None:
+    done = agree(done)
   stats = {"lines": len(lines), "resumed_at": done, "errors": earlier_errors, "earlier_errors": earlier_errors}
-  out, record = _open_run(output_path, run, done)
-  bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress, file=sys.stderr)
+  out, record = _open_run(output_path, run, done) if writes else (contextlib.nullcontext(),) * 2
+  bar = tqdm(total=len(lines), initial=done, desc="infer", unit="line", disable=not progress or not writes,
+             file=sys.stderr)
   base_dir = os.path.dirname(os.path.abspath(input_path))
   answers = (_inflight_answers(model, lines, done, options, stats, base_dir) if options.inflight else
              _static_answers(model, lines, done, options, stats, base_dir))
   with out, record, bar:  # the bar closes on an error too (own line for it)
     for start, results in answers:
-      inference_record.append_digests(record, lines[start:start + len(results)])  # first: it covers every answer
-      out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
-      out.flush()
-      os.fsync(out.fileno())
+      if writes:
+        inference_record.append_digests(record, lines[start:start + len(results)])  # first: it covers every answer
+        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+        out.flush()
+        os.fsync(out.fileno())
       bar.update(len(results))
   return stats
 

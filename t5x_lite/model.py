@@ -71,6 +71,15 @@ def _source_kind(path: str) -> str:
   raise ConversionError(f"{path}: no config.json here: not an HF model directory or a t5x_lite checkpoint")
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A result as numpy: one spread over other processes' devices too (a mesh over several hosts, infer.py's
+  multi-host runs) is gathered first, which every process does alike (a collective)."""
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 class Model:
   """A loaded model: config, params, tokenizer, and numpy-in / numpy-out entry points.
 
@@ -159,7 +168,7 @@ class Model:
     args = (ids, mask, dec, dec_mask) if self.config.is_encoder_decoder else (ids, mask)
     with self._mesh_context():
       out = self._forward(self.params, tuple(map(self._place, args)), extra)
-    return np.asarray(out, dtype=np.float32)
+    return _to_host(out).astype(np.float32)
 
   def encode(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
     """Final encoder hidden states, float32 (B, S, D)."""
@@ -170,7 +179,7 @@ class Model:
     extra = self._images(pixel_values, ids)
     with self._mesh_context():
       out = self._encode(self.params, self._place(ids), self._place(mask), extra)
-    return np.asarray(out, dtype=np.float32)
+    return _to_host(out).astype(np.float32)
 
   def generate(self, input_ids, attention_mask=None, pixel_values=None, *, max_new_tokens, method="greedy",
                temperature=1.0, top_k=0, top_p=1.0, num_beams=4, length_penalty=1.0, seed=0,
@@ -195,7 +204,7 @@ class Model:
     with self._mesh_context():
       out = fn(self.params, self._place(ids), self._place(mask), np.int32(max_new_tokens), jax.random.key(seed),
                self._place(done), extra)
-    return np.asarray(out)[:B, :max_new_tokens].astype(np.int32)
+    return _to_host(out)[:B, :max_new_tokens].astype(np.int32)
 
   def score(self, input_ids, target_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
     """(B,) float32 sum of log p(target token) (T5X "score" mode); pad-id targets are skipped.
@@ -215,7 +224,7 @@ class Model:
     with self._mesh_context():
       out = generation.score_fn(self.config)(self.params, self._place(ids), self._place(mask), self._place(padded),
                                              extra)
-    return np.asarray(out, np.float32)[:B]
+    return _to_host(out).astype(np.float32)[:B]
 
   def _bucketed_prompt(self, input_ids, attention_mask):
     """Prompt ids and mask padded to bucket shapes (decoder-only: on the left), and the real batch size."""

@@ -80,3 +80,10 @@ def initialize(args: argparse.Namespace, prog: str) -> None:
                                process_id=args.process_id, initialization_timeout=int(timeout) + 60)
   finally:
     watchdog.cancel()
+
+
+def agree_on_first(value: int) -> int:
+  """Process 0's `value`, on every process; a collective, so no process returns before all have called it."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

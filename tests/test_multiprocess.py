@@ -219,3 +219,53 @@ def test_elastic_resume_on_other_device_and_process_counts(eight_devices, tmp_pa
   assert f"resuming from the checkpoint of step {saved_again}" in last.stderr, (saved, saved_again)
   assert 0 < saved < saved_again < STEPS
   _assert_same_run(workdir, eight_devices)
+
+
+def _infer(model, source, output, *extra):
+  return [sys.executable, "infer.py", f"--model={model}", f"--input={source}", f"--output={output}",
+          "--batch-size=2", "--max-new-tokens=6", "--method=sample", "--mesh=fsdp:2,tensor:2", *extra]
+
+
+def _start_two_infer(cmd, cache):
+  port = _free_port()
+  return [subprocess.Popen(cmd + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                  f"--process_id={i}"], cwd=REPO, env=_env(2, cache), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def test_two_process_infer_writes_the_one_process_file_and_resumes(eight_devices, tmp_path, cache):
+  """infer.py (sampling, so that every token follows the logits) on the trained workdir, its weights sharded
+  fsdp:2,tensor:2: over 4 devices of one process, and over 2 processes x 2 devices (process 0 alone writing), the
+  same bytes; a two-process run killed with SIGKILL after its first batches completes the file on a rerun, again
+  the same bytes."""
+  source = tmp_path / "in.jsonl"
+  source.write_text("".join(json.dumps({"text": f"Return the {w} of the <extra_id_0>."}) + "\n"
+                            for w in ("value", "name", "list", "path", "file", "object", "string", "number",
+                                      "result", "module", "class", "type")))
+  one, two, killed = (str(tmp_path / f"{name}.jsonl") for name in ("one", "two", "killed"))
+  r = subprocess.run(_infer(eight_devices, source, one), cwd=REPO, env=_env(4, cache), capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  expected = open(one, "rb").read()
+  assert expected.count(b"\n") == 12 and b'"output"' in expected
+  errs = _finish(_start_two_infer(_infer(eight_devices, source, two), cache))
+  assert open(two, "rb").read() == expected
+  assert "wrote" in errs[0] and "wrote" not in errs[1]
+  procs = _start_two_infer(_infer(eight_devices, source, killed), cache)
+  deadline = time.time() + 300
+  while time.time() < deadline and _lines(killed) < 2 and all(p.poll() is None for p in procs):
+    time.sleep(0.01)
+  running = all(p.poll() is None for p in procs)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+  assert running and 2 <= _lines(killed) < 12, "the pair ended before it could be killed mid-file"
+  errs = _finish(_start_two_infer(_infer(eight_devices, source, killed), cache))
+  assert "resumed at line" in errs[0], errs[0][-2000:]
+  assert open(killed, "rb").read() == expected
+  address = f"127.0.0.1:{_free_port()}"  # and infer.py's process 1 without its coordinator: exit 2 naming it
+  r = subprocess.run(_infer(eight_devices, source, str(tmp_path / "alone.jsonl"), f"--coordinator_address={address}",
+                            "--num_processes=2", "--process_id=1", "--coordinator_timeout=3"), cwd=REPO,
+                     env=_env(2, cache), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and f"infer.py: error: process 1 of 2 could not join the coordinator at {address}" \
+      in r.stderr, r.stderr[-3000:]
