@@ -128,6 +128,23 @@ def test_states_saved_by_two_hosts_resume_on_one_and_on_four():
     _assert_same([{"input_ids": g} for g in got], [{"input_ids": e} for e in expected])
 
 
+def test_saved_lanes_are_read_from_every_process_file_or_named_missing(tmp_path):
+  """checkpoints.saved_data_lanes: the lanes of process 0 then 1 (grain's process_<i>-of-<n>.json); a missing or
+  unreadable file is named."""
+  from t5x_lite.training.checkpoints import saved_data_lanes  # pylint: disable=import-outside-toplevel
+  hosts = [data.make_batches(UL2, TOK, documents=DOCS, process_index=i, process_count=2) for i in range(2)]
+  next(hosts[0])
+  (tmp_path / "7" / "data").mkdir(parents=True)
+  (tmp_path / "7" / "data" / "process_0-of-2.json").write_text(json.dumps(hosts[0].get_state()))
+  with pytest.raises(ValueError, match="incomplete .*missing process_1-of-2.json"):
+    saved_data_lanes(str(tmp_path), 7)
+  (tmp_path / "7" / "data" / "process_1-of-2.json").write_text(json.dumps(hosts[1].get_state())[:-5])
+  with pytest.raises(ValueError, match="process_1-of-2.json is not a data iterator state"):
+    saved_data_lanes(str(tmp_path), 7)
+  (tmp_path / "7" / "data" / "process_1-of-2.json").write_text(json.dumps(hosts[1].get_state()))
+  assert saved_data_lanes(str(tmp_path), 7) == hosts[0].get_state()["parents"] + hosts[1].get_state()["parents"]
+
+
 def test_another_batch_size_resumes_where_no_document_is_skipped():
   """allow_batch_size_change: 4 rows -> 2 rows (no shuffle, so a document's index is its place in the stream): the
   new rows begin at the returned document, and every document before it was read before the change."""

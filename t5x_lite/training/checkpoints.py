@@ -132,8 +132,11 @@ def saved_data_lanes(directory: str, step: int) -> list[dict]:
                        f"{'; missing ' + ', '.join(missing) if missing else ''})")
   states = []
   for path in paths:
-    with open(path) as f:
-      states.append(json.load(f))
+    try:
+      with open(path) as f:
+        states.append(json.load(f))
+    except ValueError as e:  # a truncated or edited file
+      raise ValueError(f"checkpoint step {step}: {path} is not a data iterator state ({e})") from None
   try:
     return pipeline.lanes_of_states(states)
   except ValueError as e:
