@@ -66,6 +66,7 @@ def test_held_out_texts_are_cut_into_pieces_as_training_cuts_them():
 
   task = span_report._task_alone(MIXTURE, False)
   raw = task.raw_lengths[0]
-  rows = span_report._examples(Tokenizer(), task, [" ".join(["1"] * (2 * raw + 3)), "2 2 2"], 100, 0)
-  assert [r.num_raw_tokens for r in rows] == [raw, raw]  # the last 3 tokens, and the 3-token text, are too short
-  assert len(span_report._examples(Tokenizer(), task, [" ".join(["1"] * (2 * raw))] * 3, 5, 0)) == 5
+  pieces = span_report._examples(Tokenizer(), task, [" ".join(["1"] * (2 * raw + 3)), "2 2 2"], 100, 0)
+  assert [[r.num_raw_tokens for r in p] for p in pieces] == [[raw, raw]]  # the last 3 tokens, the short text: left out
+  pieces = span_report._examples(Tokenizer(), task, [" ".join(["1"] * (2 * raw))] * 3, 5, 0)
+  assert [len(p) for p in pieces] == [2, 2, 1]

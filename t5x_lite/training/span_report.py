@@ -79,26 +79,30 @@ def span_report(model, mixture: Mixture, train_texts, held_out_texts, *, example
     task = _task_alone(mixture, prefix_lm)
     if task is None:
       continue
-    rows = _examples(model.tokenizer, task, held_out_texts, examples, seed)
+    pieces = _examples(model.tokenizer, task, held_out_texts, examples, seed)
+    rows = [ex for text_pieces in pieces for ex in text_pieces]
     report[name] = _accuracies(model, rows, mixture, len(task.denoisers[0].mode_ids), top, follows, text_ids,
                                 batch_size)
-    if not prefix_lm:
-      report["samples"] = _samples(model, rows, mixture, samples)
+    if not prefix_lm:  # samples that open their text read better than those starting inside a word
+      report["samples"] = _samples(model, [text_pieces[0] for text_pieces in pieces], mixture, samples)
   return report
 
 
-def _examples(tokenizer, task: Mixture, texts, limit: int, seed: int) -> list:
-  """Up to `limit` examples of `task` from `texts`, each text cut into consecutive pieces as training cuts it."""
-  rows = []
+def _examples(tokenizer, task: Mixture, texts, limit: int, seed: int) -> list[list]:
+  """Examples of `task` from `texts`, each text cut into consecutive pieces as training cuts them (pieces of fewer
+  than 8 tokens left out): a list per text, up to `limit` examples in all."""
+  pieces, count = [], 0
   for i, text in enumerate(texts):
     ids = token_ids(tokenizer, text)
-    if len(ids) >= 8:
-      rows.extend(ex for ex in ul2_examples(ids, task, seed=(seed, i)) if ex.num_raw_tokens >= 8)
-    if len(rows) >= limit:
-      return rows[:limit]
-  if not rows:
+    examples = [ex for ex in ul2_examples(ids, task, seed=(seed, i)) if ex.num_raw_tokens >= 8][:limit - count]
+    if examples:
+      pieces.append(examples)
+      count += len(examples)
+    if count == limit:
+      break
+  if not pieces:
     raise ValueError("no held-out text of 8 tokens or more to report on")
-  return rows
+  return pieces
 
 
 def _accuracies(model, rows, mixture: Mixture, mode_tokens: int, top: int, follows: dict, text_ids: np.ndarray,
