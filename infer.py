@@ -47,6 +47,8 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--quantize", default=None, choices=["int8", "bfloat16"],
+                 help="store the matmul weights so (weight-only; activations stay in --dtype), as load(quantize=)")
   p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
   p.add_argument("--overwrite", action="store_true",
                  help="answer every line afresh, discarding the answers an earlier run left in --output")
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
   except ValueError as e:
     p.error(str(e))  # exits 2
   try:  # and the files: the output must not be the input, be writable, and hold only answers this run would give
-    run = inference_record.describe(args.model, args.tokenizer, options, args.dtype, args.input)
+    run = inference_record.describe(args.model, args.tokenizer, options, args.dtype, args.input,
+                                    quantize=args.quantize)
     inference.check_files(args.input, args.output, run, overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     return _fail(p, e)
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   try:
     mesh = t5x_lite.make_mesh(args.mesh) if args.mesh else None
-    model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh)
+    model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     if args.tokenizer:
       model.tokenizer = load_tokenizer(args.tokenizer, family_of_config(model.config).tokenizer)
       if model.tokenizer is None:
