@@ -155,8 +155,12 @@ class Runner:
 def main():
   args = parse_args()
   load = os.getloadavg()
+  cpu = "unknown CPU"
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
   say("=" * 100)
-  say(f"bench_quantized: greedy decoding, float32 compute, {jax.devices()[0].platform} ({os.cpu_count()} cores, "
+  say(f"bench_quantized: greedy decoding, float32 compute, {jax.devices()[0].platform}, {cpu} ({os.cpu_count()} cores, "
       f"load {load[0]:.2f}), jax {jax.__version__}; prompt {args.prompt}, new {args.new}, batches {args.batches}, "
       f"median of {args.reps}")
   say("=" * 100)

@@ -17,8 +17,9 @@ table (axes without a name), classification heads (labels: small, and their few 
 int8 stores qwix `QArray`s (`nn/quant.py`: int8 values, float32 scales = absmax / 127 over the input axes); bfloat16
 stores the same tensors as bfloat16 arrays. Both run with activations and accumulation in the compute dtype. With a
 mesh, the int8 values keep the float tensor's sharding and the scales follow the same logical axes (their size-1
-axes unsharded). The float tensors are quantized one at a time on their devices, each freed once quantized, so
-loading peaks near the float params plus one tensor.
+axes unsharded). `load` quantizes after loading the float params (the converters are unchanged), one tensor at a
+time on its devices, deleting each float tensor once its quantized copy exists; the float params are in memory
+during loading (peak not measured).
 """
 
 import functools

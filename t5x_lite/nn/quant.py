@@ -14,18 +14,22 @@ Which weights are quantized, and how a loaded model's params become quantized: `
 Where a weight is dequantized:
   * forward pass (`logits`, `score`, `encode`): at each read (`weight`), per layer inside the layer scan, so one
     layer's float copy exists at a time;
-  * decoding steps: by backend (`DEQUANTIZE`, below). "call": every quantized weight is dequantized once per generate
-    call, before the decoding loop (`for_decoding`), and the steps run float matmuls; "step": the per-layer (O, I)
-    matrices stay int8 and each step multiplies `int8 -> compute dtype` values and applies the per-row scale to the
-    (O, B) product (`matmul`), so a step reads a quarter of the float32 bytes.
-XLA:CPU (measured, bench/bench_quantized.py and bench/README.md): the int8 -> float convert is not fused into the dot;
-it is a separate pass that writes a float copy the dot then reads, so "step" costs 2-6x a float32 step (the 262144 x
-640 tied head of Gemma 3 270M: 250 ms against 41 ms at batch 1). "call" runs the steps at float32 speed and keeps the
-params int8 at rest; its cost is one dequantizing pass over the weights per call (the float32 path already copies the
-layer weights once per call into the (O, I) layout, and the dequantization rides on that copy), and memory for the
-dequantized weights while the call runs. GPU and TPU default to "step": XLA fuses the convert into the matmul's
-operand there, and it is what keeps the weights int8 in device memory while decoding; that choice is not measured
-here (no accelerator in the session that wrote this). `T5X_LITE_DEQUANTIZE=call|step` overrides the choice.
+  * decoding steps: by backend (`DEQUANTIZE`, below). "call": every quantized weight is dequantized (and every
+    bfloat16-stored one cast) once per generate call, before the decoding loop (`for_decoding`), and the steps run
+    float matmuls; "step": the per-layer (O, I) matrices and the head stay int8 and each step multiplies
+    `int8 -> compute dtype` values and applies the per-row scale to the (O, B) product (`matmul`): the weights a
+    step reads from memory are int8.
+XLA:CPU: the int8 -> float convert is not fused into a dot. Compiled alone, `(q.astype(f32) @ x) * s` is a loop
+fusion writing the whole float32 weight, which the dot (an XNNPACK fusion) then reads. In a generate call XLA's
+loop-invariant code motion hoists that convert out of the decoding loop (the compiled while body of a "step" generate
+holds no convert of the weights), so on CPU "step" runs as "call" does, and both decode at float32's speed
+(bench/README.md: bench/bench_quantized.py, same tokens/s within the run's noise at batch 1, 8 and 32). "call" is the
+CPU default because it says what happens instead of relying on that pass: the params stay int8 at rest, and each
+generate call makes one dequantizing pass over the weights (the float32 path already copies each layer's weights
+once per call into the (O, I) layout; the dequantization rides on that copy) and holds the float weights while it
+runs. GPU and TPU default to "step", meant to keep the weights int8 in device memory while decoding; whether XLA
+fuses the convert into the matmul there, or hoists it as on CPU, is not measured here (no accelerator was available
+to the session that wrote this). `T5X_LITE_DEQUANTIZE=call|step` overrides the choice.
 """
 
 import math
@@ -96,9 +100,17 @@ def matmul(w_xOI, x_IB: jax.Array) -> jax.Array:
 
 
 def for_decoding(params, dtype):
-  """Params for a generate call: with the "call" mode, every quantized weight dequantized in `dtype` (inside the
-  call's jit, so XLA frees them when it ends); with "step", `params` unchanged."""
+  """Params for a generate call: with the "call" mode, every quantized weight dequantized and every float weight
+  stored in another dtype (bfloat16 storage) cast, to `dtype`, inside the call's jit (XLA frees them when it ends);
+  with "step", `params` unchanged. Without this the decoding steps would cast a bfloat16 head (Gemma's 262144 x 640
+  tied embedding) at every step, the same separate convert pass as int8's."""
   if dequantize_mode() == "step":
     return params
-  return jax.tree.map(lambda w: weight(w, dtype) if isinstance(w, QArray) else w, params,
-                      is_leaf=lambda w: isinstance(w, QArray))
+  dtype = jnp.dtype(dtype)
+
+  def one(w):
+    if isinstance(w, QArray):
+      return weight(w, dtype)
+    return w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) and w.dtype != dtype else w
+
+  return jax.tree.map(one, params, is_leaf=lambda w: isinstance(w, QArray))
