@@ -2,6 +2,7 @@
 
   python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
                   [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
+                  [--quantize int8|bfloat16]
 
 Input (--input): one JSON object per line holding its input under "text" (a string), "input_ids" (a list of token
 ids) or "inputs" (either: the name train.py's seq2seq records use), and for --mode score its target under "target"
@@ -16,8 +17,9 @@ that line an error naming the file; lines with and without images share batches.
 The output is appended a batch at a time, so rerunning the same command after an interruption completes the file.
 OUT.jsonl.run records what produced the answers (the model's files, the tokenizer, the settings that change answers
 -- not --batch-size or --mesh -- and a digest of each input line answered): a rerun that would answer differently
-(another model, --method, --max-new-tokens ..., or a corrected input line among those answered) is refused, naming
-what differs, and so is an output without a record (written before infer.py kept them); --overwrite starts afresh.
+(another model, --method, --max-new-tokens, --quantize ..., or a corrected input line among those answered) is
+refused, naming what differs, and so is an output without a record (written before infer.py kept them); --overwrite
+starts afresh.
 Settings and files are checked before the model loads: a bad setting, an output that is the input, cannot be
 written, is not this tool's, or holds another run's answers exits 2 ("infer.py: error: ...") and leaves the output
 as it was.

@@ -101,9 +101,10 @@ def matmul(w_xOI, x_IB: jax.Array) -> jax.Array:
 
 def for_decoding(params, dtype):
   """Params for a generate call: with the "call" mode, every quantized weight dequantized and every float weight
-  stored in another dtype (bfloat16 storage) cast, to `dtype`, inside the call's jit (XLA frees them when it ends);
-  with "step", `params` unchanged. Without this the decoding steps would cast a bfloat16 head (Gemma's 262144 x 640
-  tied embedding) at every step, the same separate convert pass as int8's."""
+  stored narrower than `dtype` (bfloat16 storage, float32 compute) upcast, to `dtype`, inside the call's jit (XLA
+  frees them when it ends); with "step", `params` unchanged. Without this the decoding steps would cast a bfloat16
+  head (Gemma's 262144 x 640 tied embedding) at every step, the same separate convert pass as int8's. Only upcasts:
+  every reader would widen such a weight anyway, so the values are the same; a wider weight is left as stored."""
   if dequantize_mode() == "step":
     return params
   dtype = jnp.dtype(dtype)
@@ -111,6 +112,7 @@ def for_decoding(params, dtype):
   def one(w):
     if isinstance(w, QArray):
       return weight(w, dtype)
-    return w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) and w.dtype != dtype else w
+    narrower = jnp.issubdtype(w.dtype, jnp.floating) and jnp.finfo(w.dtype).bits < jnp.finfo(dtype).bits
+    return w.astype(dtype) if narrower else w
 
   return jax.tree.map(one, params, is_leaf=lambda w: isinstance(w, QArray))
