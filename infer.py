@@ -2,7 +2,7 @@
 
   python infer.py --model PATH --input IN.jsonl --output OUT.jsonl [--batch-size N] [--max-new-tokens N]
                   [--method greedy|sample|beam] [--mesh data:4,tensor:2] [--mode generate|score]
-                  [--batching inflight|static]
+                  [--batching inflight|static] [--quantize int8|bfloat16]
   multi-host: the same command on every host, plus --coordinator_address=HOST:PORT --num_processes=N
               --process_id=I: the model is sharded over every host's devices (--mesh, default fsdp over all of
               them), every host runs each batch, process 0 alone writes the output
@@ -27,11 +27,11 @@ and its line number: the same draws whichever lines share the slots, and on a re
 The output is appended in input order as lines finish (and fsync'd), so rerunning the same command after an
 interruption completes the file. OUT.jsonl.run records what produced the answers (the model's files, the tokenizer,
 the settings that change answers -- not --batch-size, --batching or --mesh -- and a digest of each input line
-answered): a rerun that would answer differently (another model, --method, --max-new-tokens ..., or a corrected
-input line among those answered) is refused, naming what differs, and so is an output without a record (written
-before infer.py kept them); --overwrite starts afresh. Settings and files are checked before the model loads: a bad
-setting, an output that is the input, cannot be written, is not this tool's, or holds another run's answers exits 2
-("infer.py: error: ...") and leaves the output as it was.
+answered): a rerun that would answer differently (another model, --method, --max-new-tokens, --quantize ..., or a
+corrected input line among those answered) is refused, naming what differs, and so is an output without a record
+(written before infer.py kept them); --overwrite starts afresh. Settings and files are checked before the model
+loads: a bad setting, an output that is the input, cannot be written, is not this tool's, or holds another run's
+answers exits 2 ("infer.py: error: ...") and leaves the output as it was.
 """
 
 import argparse
@@ -65,6 +65,8 @@ def main(argv=None) -> int:
   p.add_argument("--mesh", default=None, help="e.g. data:4,tensor:2 (batch over data, weights over fsdp/tensor; "
                  "the syntax below)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--quantize", default=None, choices=["int8", "bfloat16"],
+                 help="store the matmul weights so (weight-only; activations stay in --dtype), as load(quantize=)")
   p.add_argument("--tokenizer", default=None, help="directory holding spiece.model / tokenizer.model")
   p.add_argument("--overwrite", action="store_true",
                  help="answer every line afresh, discarding the answers an earlier run left in --output")
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
   except ValueError as e:
     p.error(str(e))  # exits 2
   try:  # and the files: the output must not be the input, be writable, and hold only answers this run would give
-    run = inference_record.describe(args.model, args.tokenizer, options, args.dtype, args.input)
+    run = inference_record.describe(args.model, args.tokenizer, options, args.dtype, args.input,
+                                    quantize=args.quantize)
     inference.check_files(args.input, args.output, run, overwrite=args.overwrite)
   except (ValueError, OSError) as e:
     return _fail(p, e)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     # Several processes: the model is sharded over all their devices (fsdp by default), each runs every batch.
     mesh_spec = args.mesh or (f"fsdp:{jax.device_count()}" if processes > 1 else None)
     mesh = t5x_lite.make_mesh(mesh_spec) if mesh_spec else None
-    model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh)
+    model = t5x_lite.load(args.model, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
     if args.tokenizer:
       model.tokenizer = load_tokenizer(args.tokenizer, family_of_config(model.config).tokenizer)
       if model.tokenizer is None:

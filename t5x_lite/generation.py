@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from t5x_lite.decoding.loop import decode_tokens
 from t5x_lite.models.layers import shift_right
 from t5x_lite.models.registry import family_of_config
+from t5x_lite.nn.quant import for_decoding
 
 
 @functools.lru_cache(maxsize=64)
@@ -28,6 +29,7 @@ def generate_fn(config, *, max_new: int, method: str, temperature: float, top_k:
 
   def generate_tokens(params, ids, mask, limit, rng, done, extra):
     beams = num_beams if method == "beam" else 1
+    params = for_decoding(params, config.dtype)  # quantized weights: dequantized here or per step (nn/quant.py)
     decoder = family.decoder(params, config, ids, mask, beams, max_new, **extra)
     if method == "beam":
       from t5x_lite.decoding.beam_search import beam_search  # pylint: disable=import-outside-toplevel

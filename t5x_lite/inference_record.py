@@ -73,10 +73,11 @@ def _source(path: str) -> dict:
   return {"path": os.path.realpath(path), "step": step, "files": files}
 
 
-def answer_settings(options, dtype: str) -> dict:
+def answer_settings(options, dtype: str, quantize: str | None = None) -> dict:
   """infer.py's flags that change answers, with their values: those the mode and method use, nothing else (a
   --temperature given to greedy decoding changes nothing, so resuming with another one is no mismatch)."""
-  settings = {"--mode": options.mode, "--max-input-length": options.max_input_length, "--dtype": dtype}
+  settings = {"--mode": options.mode, "--max-input-length": options.max_input_length, "--dtype": dtype,
+              "--quantize": quantize or "none"}
   if options.mode == "generate":
     settings.update({"--method": options.method, "--max-new-tokens": options.max_new_tokens})
     if options.method == "sample":
@@ -87,10 +88,11 @@ def answer_settings(options, dtype: str) -> dict:
   return settings
 
 
-def describe(model_path: str, tokenizer_path: str | None, options, dtype: str, input_path: str) -> dict:
+def describe(model_path: str, tokenizer_path: str | None, options, dtype: str, input_path: str, *,
+             quantize: str | None = None) -> dict:
   """The record of a run (its first line in OUT.jsonl.run). `input_path` is kept for people reading it only:
   what is compared is the digests of the input lines answered."""
-  return {"written_by": _WRITTEN_BY, "format": FORMAT, "settings": answer_settings(options, dtype),
+  return {"written_by": _WRITTEN_BY, "format": FORMAT, "settings": answer_settings(options, dtype, quantize),
           "model": _source(model_path), "tokenizer": _source(tokenizer_path) if tokenizer_path else None,
           "input": os.path.realpath(input_path)}
 
@@ -136,8 +138,9 @@ def _source_change(flag: str, old: dict | None, new: dict | None) -> str:
 def differences(old: dict, new: dict, digests: list[str], lines: list[bytes], done: int) -> list[str]:
   """What makes the `done` answers recorded by `old` (with input digests `digests`) not those `new` would give
   for `lines`, one phrase each (empty: resume)."""
-  found = [f"{flag}: {old['settings'][flag]} -> {value}" for flag, value in new["settings"].items()
-           if flag in old["settings"] and old["settings"][flag] != value]
+  old_settings = {"--quantize": "none", **old["settings"]}  # a record from before --quantize: float weights
+  found = [f"{flag}: {old_settings[flag]} -> {value}" for flag, value in new["settings"].items()
+           if flag in old_settings and old_settings[flag] != value]
   found += [c for c in (_source_change("--model", old["model"], new["model"]),
                         _source_change("--tokenizer", old["tokenizer"], new["tokenizer"])) if c]
   if len(digests) < done:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from t5x_lite import generation, sharding
+from t5x_lite import quantize as quantize_lib
 from t5x_lite.convert import checkpoint, hf
 from t5x_lite.decoding import buckets
 from t5x_lite.errors import ConversionError
@@ -15,13 +16,16 @@ from t5x_lite.models.registry import family_of_config
 
 
 def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | str | None = None, *,
-         param_dtype: str | None = None, progress: bool = True) -> "Model":
+         param_dtype: str | None = None, progress: bool = True, quantize: str | None = None) -> "Model":
   """Loads an HF model directory, a t5x_lite checkpoint directory, or a train.py workdir.
 
   `dtype` is the compute dtype; params are stored in `param_dtype` (default: the same as `dtype`).
   With `mesh` (a Mesh, or a spec such as "data:2,tensor:4" for `t5x_lite.make_mesh`), params are placed sharded
-  by the logical-axis rules in `t5x_lite.sharding`.
+  by the logical-axis rules in `t5x_lite.sharding`. `quantize="int8"` or `"bfloat16"` then stores the matmul weights
+  that way (weight-only: activations and accumulation stay in `dtype`); which weights, and where they are
+  dequantized: `t5x_lite/quantize.py`, `t5x_lite/nn/quant.py`.
   """
+  quantize_lib.check_mode(quantize)
   if isinstance(mesh, str):
     mesh = sharding.make_mesh(mesh)
   elif mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
@@ -41,9 +45,11 @@ def load(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | str | None
     reader = hf.CheckpointReader(path)
     config = hf.load_hf_config(path, reader).replace(dtype=dtype, param_dtype=param_dtype)
     params = hf.load_hf_params(path, config, mesh=mesh, progress=progress, reader=reader)
+  if quantize is not None:
+    params = quantize_lib.quantize_params(params, config, quantize, mesh=mesh, free_source=True)
   from t5x_lite.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   tokenizer = load_tokenizer(path, family_of_config(config).tokenizer)
-  return Model(config, params, tokenizer=tokenizer, mesh=mesh, source_dir=path)
+  return Model(config, params, tokenizer=tokenizer, mesh=mesh, source_dir=path, quantize=quantize)
 
 
 def read_config(path: str):
@@ -87,8 +93,9 @@ class Model:
   """
 
   def __init__(self, config, params: dict, *, tokenizer=None, mesh: jax.sharding.Mesh | None = None,
-               source_dir: str | None = None):
+               source_dir: str | None = None, quantize: str | None = None):
     self.config = config
+    self.quantize = quantize  # how `params` store the matmul weights (None: as `config.param_dtype`)
     self.source_dir = source_dir  # tokenizer files are copied from here on export
     self.params = params
     self.tokenizer = tokenizer
@@ -267,12 +274,18 @@ class Model:
 
   def save_hf(self, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = 2 * 1024 ** 3) -> None:
     """Writes config.json + model.safetensors (sharded over `max_shard_bytes`) that transformers loads."""
-    hf.save_hf(self.params, self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
+    hf.save_hf(self._float_params(), self.config, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
                extra_files=hf.tokenizer_files(self.source_dir))
 
   def save(self, out_dir: str) -> None:
     """Writes our own checkpoint format (orbax params + config.json, tokenizer files beside them)."""
-    checkpoint.save_checkpoint(self.params, self.config, out_dir, extra_files=hf.tokenizer_files(self.source_dir))
+    checkpoint.save_checkpoint(self._float_params(), self.config, out_dir,
+                               extra_files=hf.tokenizer_files(self.source_dir))
+
+  def _float_params(self):
+    """The params to save: a quantized model's weights dequantized to `config.param_dtype` (the int8 values times
+    their scales, not the weights it was loaded from)."""
+    return quantize_lib.dequantize_params(self.params, self.config.param_dtype)
 
   @property
   def processor(self):
@@ -286,5 +299,6 @@ class Model:
     return self._processor
 
   def __repr__(self):
-    n = sum(x.size for x in jax.tree.leaves(self.params))
-    return f"Model({self.config.family}/{self.config.model_type}, task={self.config.task}, params={n:,})"
+    n = quantize_lib.param_count(self.params)
+    quantized = f", quantize={self.quantize}" if self.quantize else ""
+    return f"Model({self.config.family}/{self.config.model_type}, task={self.config.task}, params={n:,}{quantized})"

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from t5x_lite import sharding
 from t5x_lite.models.registry import family_of_config
+from t5x_lite.nn.quant import for_decoding
 from t5x_lite.nn.argmax import argmax
 
 
@@ -159,5 +160,8 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
 
     return rows(jax.lax.while_loop(cond, body, state))
 
-  return (jax.jit(slot_decoder.prepare), jax.jit(init), jax.jit(admit, donate_argnums=1),
+  def prepare(params):  # quantized weights dequantized once per request list, or per step (nn/quant.py)
+    return slot_decoder.prepare(for_decoding(params, config.dtype))
+
+  return (jax.jit(prepare), jax.jit(init), jax.jit(admit, donate_argnums=1),
           jax.jit(run, donate_argnums=1))

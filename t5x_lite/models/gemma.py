@@ -24,7 +24,7 @@ from t5x_lite import sharding
 from t5x_lite.config.gemma import GemmaConfig
 from t5x_lite.models.layers import Attention, Stack, dense, embed, scan_layers, split_rng
 from t5x_lite.models.params import ParamSpec, count_params
-from t5x_lite.nn import masks
+from t5x_lite.nn import masks, quant
 from t5x_lite.nn.attention import dot_product_attention, merge_heads, project_heads
 from t5x_lite.nn.dropout import dropout
 from t5x_lite.nn.mlp import mlp
@@ -187,9 +187,9 @@ def run_stack(layers: dict, config: GemmaConfig, x_BTD: jax.Array, positions_BT:
 def lm_logits(params: dict, config: GemmaConfig, hidden_BTD: jax.Array) -> jax.Array:
   """(B, T, V) logits, soft-capped when the config says so."""
   if config.tie_lm_head:
-    logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, params["embed"]["embedding"].astype(hidden_BTD.dtype))
+    logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, quant.weight(params["embed"]["embedding"], hidden_BTD.dtype))
   else:
-    logits = hidden_BTD @ params["lm_head"]["kernel"].astype(hidden_BTD.dtype)
+    logits = hidden_BTD @ quant.weight(params["lm_head"]["kernel"], hidden_BTD.dtype)
   return sharding.constrain(final_softcap(config, logits), ("act_batch", "act_length", "act_vocab"))
 
 

@@ -18,6 +18,7 @@ from t5x_lite.decoding import kv_cache
 from t5x_lite.models import gemma
 from t5x_lite.models.family import Decoder, SlotDecoder
 from t5x_lite.models.layers import heads_from_feature_major, out_in_matrix, unstack_layers
+from t5x_lite.nn import quant
 from t5x_lite.nn.attention import cached_attention, dot_product_attention
 from t5x_lite.nn.mlp import ACTIVATIONS
 from t5x_lite.nn.norms import rms_norm
@@ -142,8 +143,8 @@ def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
   layers = []
   for p in unstack_layers(params["layers"], config.num_layers):
     a = p["attn"]
-    layer = {"q": out_in(a["q"], 1), "kv": jnp.stack([out_in(a["k"], 1), out_in(a["v"], 1)]),
-             "o": out_in(a["o"], 2), "wi": jnp.stack([out_in(p["mlp"]["wi_0"], 1), out_in(p["mlp"]["wi_1"], 1)]),
+    layer = {"q": out_in(a["q"], 1), "kv": quant.stack([out_in(a["k"], 1), out_in(a["v"], 1)]),
+             "o": out_in(a["o"], 2), "wi": quant.stack([out_in(p["mlp"]["wi_0"], 1), out_in(p["mlp"]["wi_1"], 1)]),
              "wo": out_in(p["mlp"]["wo"], 1)}
     layer.update({name: p[name]["scale"] for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
                   if name in p})
@@ -205,8 +206,8 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   new_k, new_v = [], []
   for i, (p, sliding) in enumerate(zip(layers, config.sliding_layers)):
     h = norm(x_DB, p["attn_norm"])
-    k, v = jnp.einsum("CID,DB->CIB", p["kv"], h)
-    q, k, v = heads(p["q"] @ h, N), heads(k, K), heads(v, K)
+    k, v = quant.matmul(p["kv"], h)
+    q, k, v = heads(quant.matmul(p["q"], h), N), heads(k, K), heads(v, K)
     if config.qk_norm:
       q, k = norm(q, p["q_norm"], -1), norm(k, p["k_norm"], -1)
     q, k = apply_rope(q, positions, inv[sliding]), apply_rope(k, positions, inv[sliding])
@@ -217,12 +218,12 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
                                        cross["mask"])
     attn = cached_attention(q, kv_cache.view(new_k[i], B, K), kv_cache.view(new_v[i], B, K), mask=mask,
                             scale=scale, softcap=config.attn_logit_softcap, also=also)
-    h = p["o"] @ attn.reshape(B, N * H).T
+    h = quant.matmul(p["o"], attn.reshape(B, N * H).T)
     if config.sandwich_norms:
       h = norm(h, p["post_attn_norm"])
     x_DB = x_DB + h
-    gate, up = jnp.einsum("CFD,DB->CFB", p["wi"], norm(x_DB, p["mlp_norm"]))
-    h = p["wo"] @ (act(gate) * up)
+    gate, up = quant.matmul(p["wi"], norm(x_DB, p["mlp_norm"]))
+    h = quant.matmul(p["wo"], act(gate) * up)
     if config.sandwich_norms:
       h = norm(h, p["post_mlp_norm"])
     x_DB = x_DB + h
@@ -230,7 +231,7 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if not config.tie_lm_head:
       raise ValueError("vocab_major logits need a tied head (an untied (D, V) kernel would be transposed per step)")
     x_DB = norm(x_DB, params["final_norm"]["scale"])
-    logits = gemma.final_softcap(config, params["embed"]["embedding"].astype(x_DB.dtype) @ x_DB)  # (V, B)
+    logits = gemma.final_softcap(config, quant.matmul(params["embed"]["embedding"], x_DB))  # (V, B)
     logits = logits.astype(jnp.float32)
   else:
     logits = _finish(params, config, x_DB.T[:, None])[:, 0]

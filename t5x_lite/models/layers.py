@@ -1,11 +1,12 @@
 """Helpers every family uses to build and run a stack of identical layers."""
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from t5x_lite.nn import quant
 
 class Attention(NamedTuple):
   """One attention of a layer, for memory estimates: its key positions per row and its heads (N query heads over
@@ -75,10 +76,11 @@ def unstack_layers(stacked_params, num_layers: int) -> list:
 
 
 def out_in_matrix(kernel: jax.Array, in_dims: int, dtype) -> jax.Array:
-  """A kernel (in..., out...) with `in_dims` input axes as a 2-D (out, in) matrix in `dtype`: the layout the
-  decoding steps multiply feature-major activations (in, B) with (see `models/t5.py`, incremental decoding)."""
-  n_in = math.prod(kernel.shape[:in_dims])
-  return kernel.reshape(n_in, -1).T.astype(dtype)
+  """A kernel (in..., out...) with `in_dims` input axes as a 2-D (O, I) matrix in `dtype`: the layout the decoding
+  steps multiply feature-major activations (I, B) with (see `models/t5.py`, incremental decoding). A quantized kernel
+  stays int8 (O, I) with per-row scales where the backend dequantizes per step (`nn/quant.py`); the steps multiply
+  through `quant.matmul`."""
+  return quant.out_in(kernel, in_dims, dtype, keep_quantized=quant.dequantize_mode() == "step")
 
 
 def heads_from_feature_major(y_OB: jax.Array, num_heads: int, head_dim: int) -> jax.Array:
@@ -93,12 +95,12 @@ def split_rng(rng: jax.Array | None, n: int) -> list:
 
 def embed(embedding_VD: jax.Array, ids_BT: jax.Array, dtype) -> jax.Array:
   """Token embedding lookup in the compute dtype."""
-  return jnp.take(embedding_VD, ids_BT, axis=0).astype(dtype)
+  return quant.take_rows(embedding_VD, ids_BT, dtype)
 
 
 def dense(x: jax.Array, params: dict) -> jax.Array:
   """x @ kernel (+ bias), in x's dtype."""
-  y = x @ params["kernel"].astype(x.dtype)
+  y = x @ quant.weight(params["kernel"], x.dtype)
   if "bias" in params:
     y = y + params["bias"].astype(x.dtype)
   return y

@@ -25,7 +25,7 @@ from t5x_lite.models.family import Decoder, SlotDecoder
 from t5x_lite.models.layers import (Attention, Stack, dense, embed, heads_from_feature_major, out_in_matrix,
                                    scan_layers, shift_right, split_rng, unstack_layers)
 from t5x_lite.models.params import ParamSpec, count_params
-from t5x_lite.nn import masks
+from t5x_lite.nn import masks, quant
 from t5x_lite.nn.attention import cached_attention, dot_product_attention, merge_heads, project_heads
 from t5x_lite.nn.dropout import dropout
 from t5x_lite.nn.mlp import ACTIVATIONS, mlp
@@ -189,9 +189,9 @@ def lm_logits(params: dict, config: T5Config, hidden_BTD: jax.Array) -> jax.Arra
   if config.scale_decoder_outputs:
     hidden_BTD = hidden_BTD * (config.d_model ** -0.5)
   if config.tie_lm_head:
-    logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, params["embed"]["embedding"].astype(hidden_BTD.dtype))
+    logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, quant.weight(params["embed"]["embedding"], hidden_BTD.dtype))
   else:
-    logits = hidden_BTD @ params["lm_head"]["kernel"].astype(hidden_BTD.dtype)
+    logits = hidden_BTD @ quant.weight(params["lm_head"]["kernel"], hidden_BTD.dtype)
   return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
@@ -311,10 +311,10 @@ def decoder_layer_params(params: dict, config: T5Config) -> list[dict]:
     attn, cross, ff = p["attn"], p["cross_attn"], p["mlp"]
     layer = {"attn_norm": p["attn_norm"]["scale"], "cross_norm": p["cross_norm"]["scale"],
              "mlp_norm": p["mlp_norm"]["scale"],
-             "qkv": jnp.stack([out_in(attn[n], 1) for n in "qkv"]), "o": out_in(attn["o"], 2),
+             "qkv": quant.stack([out_in(attn[n], 1) for n in "qkv"]), "o": out_in(attn["o"], 2),
              "cross_q": out_in(cross["q"], 1), "cross_o": out_in(cross["o"], 2),
              "cross_k": cross["k"], "cross_v": cross["v"],
-             "wi": (jnp.stack([out_in(ff["wi_0"], 1), out_in(ff["wi_1"], 1)]) if config.mlp_gated
+             "wi": (quant.stack([out_in(ff["wi_0"], 1), out_in(ff["wi_1"], 1)]) if config.mlp_gated
                     else out_in(ff["wi"], 1)),
              "wo": out_in(ff["wo"], 1)}
     if config.relative_bias_per_layer:
@@ -338,7 +338,7 @@ def cross_attention_kv(layers: list[dict], config: T5Config, encoded_BSD: jax.Ar
   enc = encoded_BSD.astype(jnp.dtype(config.dtype))
 
   def project(kernel_DNH):
-    return kv_cache.store(jnp.einsum("BSD,DNH->BNSH", enc, kernel_DNH.astype(enc.dtype)))
+    return kv_cache.store(jnp.einsum("BSD,DNH->BNSH", enc, quant.weight(kernel_DNH, enc.dtype)))
 
   return {"k": [project(p["cross_k"]) for p in layers], "v": [project(p["cross_v"]) for p in layers]}
 
@@ -379,29 +379,29 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
     return heads_from_feature_major(y_OB, N, H)
 
   def attend_out(w_DO, attn_B1NH):  # output projection back to (D, B)
-    return w_DO @ attn_B1NH.reshape(B, N * H).T
+    return quant.matmul(w_DO, attn_B1NH.reshape(B, N * H).T)
 
   new_k, new_v = [], []
   for i, p in enumerate(layers):
     bias = shared_bias if shared_bias is not None else _relpos_bias(config, p["relpos"], q_pos, k_pos, False)
     h = rms_norm(x_DB, p["attn_norm"], eps=eps, axis=0)
-    q, k, v = (heads(y) for y in jnp.einsum("COD,DB->COB", p["qkv"], h))
+    q, k, v = (heads(y) for y in quant.matmul(p["qkv"], h))
     new_k.append(kv_cache.write(cache["k"][i], k, slot))
     new_v.append(kv_cache.write(cache["v"][i], v, slot))
     attn = cached_attention(q, kv_cache.view(new_k[i], B, N), kv_cache.view(new_v[i], B, N), mask=self_mask,
                             bias=bias)
     x_DB = x_DB + attend_out(p["o"], attn)
     h = rms_norm(x_DB, p["cross_norm"], eps=eps, axis=0)
-    attn = cached_attention(heads(p["cross_q"] @ h), kv_cache.view(cross_kv["k"][i], B, N),
+    attn = cached_attention(heads(quant.matmul(p["cross_q"], h)), kv_cache.view(cross_kv["k"][i], B, N),
                             kv_cache.view(cross_kv["v"][i], B, N), mask=cross_mask)
     x_DB = x_DB + attend_out(p["cross_o"], attn)
     h = rms_norm(x_DB, p["mlp_norm"], eps=eps, axis=0)
     if config.mlp_gated:
-      gate, up = jnp.einsum("CFD,DB->CFB", p["wi"], h)
+      gate, up = quant.matmul(p["wi"], h)
       f = act(gate) * up
     else:
-      f = act(p["wi"] @ h)
-    x_DB = x_DB + p["wo"] @ f
+      f = act(quant.matmul(p["wi"], h))
+    x_DB = x_DB + quant.matmul(p["wo"], f)
   x = rms_norm(x_DB.T[:, None], dec["final_norm"]["scale"], eps=eps)
   return lm_logits(params, config, x)[:, 0].astype(jnp.float32), {"k": new_k, "v": new_v}
 

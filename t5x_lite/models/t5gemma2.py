@@ -26,7 +26,7 @@ from t5x_lite.models import gemma, gemma_decode, siglip
 from t5x_lite.models.family import Decoder, SlotDecoder
 from t5x_lite.models.layers import Attention, Stack, dense, shift_right, unstack_layers
 from t5x_lite.models.params import ParamSpec, count_params
-from t5x_lite.nn import masks
+from t5x_lite.nn import masks, quant
 from t5x_lite.nn.attention import project_heads
 from t5x_lite.nn.norms import rms_norm
 
@@ -65,7 +65,7 @@ def image_tokens(params: dict, config: T5Gemma2Config, pixels_I3HW: jax.Array) -
   x = features_IQE.astype(jnp.float32).reshape(I, pooled, k, pooled, k, E).mean(axis=(2, 4)).astype(dtype)
   x = rms_norm(x.reshape(I, pooled * pooled, E), params["projector"]["norm"]["scale"],
                eps=config.vision.layer_norm_eps, zero_centered=True)
-  return x @ params["projector"]["kernel"].astype(dtype)
+  return x @ quant.weight(params["projector"]["kernel"], dtype)
 
 
 def place_images(x_BSD: jax.Array, input_ids_BS: jax.Array, images_BIMD: jax.Array, image_token_id: int) -> jax.Array:

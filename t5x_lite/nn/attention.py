@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
-from t5x_lite.nn import masks
+from t5x_lite.nn import masks, quant
 from t5x_lite.nn.attention_core import attend
 
 IMPLEMENTATION = os.environ.get("T5X_LITE_ATTENTION", "auto")  # auto | xla
@@ -20,12 +20,12 @@ IMPLEMENTATION = os.environ.get("T5X_LITE_ATTENTION", "auto")  # auto | xla
 
 def project_heads(x_BTD: jax.Array, kernel_DNH: jax.Array) -> jax.Array:
   """x @ kernel for a per-head kernel (D, N, H) -> (B, T, N, H)."""
-  return jnp.einsum("BTD,DNH->BTNH", x_BTD, kernel_DNH.astype(x_BTD.dtype))
+  return jnp.einsum("BTD,DNH->BTNH", x_BTD, quant.weight(kernel_DNH, x_BTD.dtype))
 
 
 def merge_heads(x_BTNH: jax.Array, kernel_NHD: jax.Array) -> jax.Array:
   """Output projection (N, H, D): (B, T, N, H) -> (B, T, D)."""
-  return jnp.einsum("BTNH,NHD->BTD", x_BTNH, kernel_NHD.astype(x_BTNH.dtype))
+  return jnp.einsum("BTNH,NHD->BTD", x_BTNH, quant.weight(kernel_NHD, x_BTNH.dtype))
 
 
 def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,

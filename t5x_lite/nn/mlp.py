@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
+from t5x_lite.nn import quant
 from t5x_lite.nn.dropout import dropout
 
 
@@ -46,9 +47,9 @@ def mlp(params: dict, x_BTD: jax.Array, *, activation: str, gated: bool, dropout
   act = ACTIVATIONS[activation]
   dtype = x_BTD.dtype
   if gated:
-    h_BTF = act(x_BTD @ params["wi_0"].astype(dtype)) * (x_BTD @ params["wi_1"].astype(dtype))
+    h_BTF = act(x_BTD @ quant.weight(params["wi_0"], dtype)) * (x_BTD @ quant.weight(params["wi_1"], dtype))
   else:
-    h_BTF = act(x_BTD @ params["wi"].astype(dtype))
+    h_BTF = act(x_BTD @ quant.weight(params["wi"], dtype))
   h_BTF = sharding.constrain(h_BTF, ("act_batch", "act_length", "act_mlp"))
   h_BTF = dropout(h_BTF, dropout_rate, rng)
-  return h_BTF @ params["wo"].astype(dtype)
+  return h_BTF @ quant.weight(params["wo"], dtype)
