@@ -21,15 +21,20 @@ def filter_logits(logits_RV: jax.Array, *, temperature: float = 1.0, top_k: int 
     kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
   if top_p < 1.0:
-    # A stable ascending sort, as transformers' sort on CPU: among tied logits the lower index goes first.
-    order = jnp.argsort(logits, axis=-1, stable=True)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = cumulative <= (1.0 - top_p)
-    remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least the most likely token
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
-    logits = jnp.where(remove, -jnp.inf, logits)
+    logits = jnp.where(outside_top_p(logits, top_p), -jnp.inf, logits)
   return logits
+
+
+def outside_top_p(logits_RV: jax.Array, top_p) -> jax.Array:
+  """(R, V) bool: the tokens top-p filtering drops, for `top_p` a number or per row (R, 1).
+
+  A stable ascending sort, as transformers' sort on CPU (among tied logits the lower index goes first); tokens whose
+  cumulative probability is at most 1 - p go, the most likely token always stays.
+  """
+  order = jnp.argsort(logits_RV, axis=-1, stable=True)
+  cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits_RV, order, axis=-1), axis=-1), axis=-1)
+  remove_sorted = (cumulative <= (1.0 - top_p)).at[..., -1].set(False)
+  return jnp.zeros_like(remove_sorted).at[jnp.arange(logits_RV.shape[0])[:, None], order].set(remove_sorted)
 
 
 def choose_tokens(logits_RV: jax.Array, rng: jax.Array | None, *, method: str, temperature: float = 1.0,

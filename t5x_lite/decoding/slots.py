@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
+from t5x_lite.decoding.sampling import outside_top_p
 from t5x_lite.models.registry import family_of_config
-from t5x_lite.nn.quant import for_decoding
 from t5x_lite.nn.argmax import argmax
+from t5x_lite.nn.quant import for_decoding
 
 
 class SlotState(NamedTuple):
@@ -65,10 +66,7 @@ def _filtered(logits_RV: jax.Array, temperature_R, top_k_R, top_p_R, filters: bo
   ascending = jnp.sort(logits, axis=-1)
   kth = jnp.take_along_axis(ascending, jnp.clip(V - top_k_R, 0, V - 1)[:, None], axis=-1)
   logits = jnp.where((top_k_R[:, None] > 0) & (logits < kth), -jnp.inf, logits)
-  order = jnp.argsort(logits, axis=-1, stable=True)
-  cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
-  remove_sorted = (cumulative <= (1.0 - top_p_R)[:, None]).at[:, -1].set(False) & (top_p_R < 1.0)[:, None]
-  remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+  remove = outside_top_p(logits, top_p_R[:, None]) & (top_p_R < 1.0)[:, None]  # p = 1: no filter, as there
   return jnp.where(remove, -jnp.inf, logits)
 
 
