@@ -1,14 +1,16 @@
 """In-flight against static batching on a long-tailed workload, ours and transformers', side by side in one run.
 
     .venv/bin/python bench/bench_inflight.py [--models t5,gemma] [--requests 512] [--slots 8] [--mean 32] [--cap 256]
-                                             [--gemma-vocab 262144] [--no-hf] [--threads N]
+                                             [--gemma-vocab 262144] [--no-hf] [--threads N] [--rounds 2]
 
 Workload: `--requests` greedy requests, prompts of 8-64 random tokens, each with its own max_new_tokens drawn from a
 geometric distribution of mean `--mean` capped at `--cap` (the long tail of real answer lengths). Shapes: t5-v1_1-small
 (untied 32128 head) and the Gemma 3 270M text shape (tied head over `--gemma-vocab` tokens), random float32 weights
 built by transformers, saved, and read by both sides. EOS is the last vocabulary id, so requests end at their limits.
 
-Timed (compile time, from jax.monitoring, subtracted from ours and reported apart):
+Timed (compile time, from jax.monitoring, subtracted from ours and reported apart; ours run `--rounds` times each in
+ABBA order and are compared on their summed times, so that a machine whose speed drifts over minutes, as shared
+hosts do, favours neither):
   ours inflight   t5x_lite.inflight.generate, `--slots` slots;
   ours static     Model.generate on batches of `--slots` requests in input order, each decoding until its longest
                   row's limit (rows cut at their own limits afterwards);
@@ -49,6 +51,8 @@ def parse_args():
   p.add_argument("--gemma-vocab", type=int, default=262144)
   p.add_argument("--no-hf", action="store_true")
   p.add_argument("--threads", type=int, default=None)
+  p.add_argument("--rounds", type=int, default=2,
+                 help="rounds of ours in-flight and static, in ABBA order (in-flight, static, static, in-flight, ...)")
   args = p.parse_args()
   args.models = [m for m in args.models.split(",") if m]
   return args
@@ -197,8 +201,17 @@ def run(kind: str, tmp: str, bandwidth: float) -> None:
   def inflight_run():
     return dict(inflight.generate(ours, requests, slots=ARGS.slots))
 
-  t_in, c_in, got_in = timed(inflight_run)
-  t_st, c_st, got_st = timed(lambda: ours_static(ours, requests))
+  t_in = c_in = t_st = c_st = 0.0
+  for r in range(ARGS.rounds):
+    for name in ("inflight", "static") if r % 2 == 0 else ("static", "inflight"):
+      if name == "inflight":
+        t, c, got_in = timed(inflight_run)
+        t_in, c_in = t_in + t, c_in + c
+      else:
+        t, c, got_st = timed(lambda: ours_static(ours, requests))
+        t_st, c_st = t_st + t, c_st + c
+      say(f"  round {r + 1}: ours {name:<8} {t:7.1f} s (+{c:.1f} s compile), {tokens / t:.1f} tokens/s")
+  t_in, t_st = t_in / ARGS.rounds, t_st / ARGS.rounds
   same = sum(np.array_equal(got_in[i], got_st[i]) for i in range(len(requests)))
   static_steps = sum(max(requests[i].max_new_tokens for i in b) for b in batches(len(requests), range(len(requests))))
   rows = [("ours inflight", t_in, c_in), ("ours static", t_st, c_st)]

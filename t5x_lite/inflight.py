@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from t5x_lite.decoding import buckets
-from t5x_lite.decoding.slots import Admission, programs
+from t5x_lite.decoding.slots import Admission, programs, span_for
 from t5x_lite.model import Model
 from t5x_lite.models.registry import family_of_config
 
@@ -92,8 +92,9 @@ def generate(model, requests: Sequence[Request], *, slots: int = 8, refill: int 
   cache_length = width if config.is_encoder_decoder else input_length + width
   sampling = any(r.method == "sample" for r in requests)
   filters = any(r.method == "sample" and (r.top_k > 0 or r.top_p < 1.0) for r in requests)
-  prepare, init, admit, run = programs(config, slots=slots, input_length=input_length, cache_length=cache_length,
-                                       width=width, sampling=sampling, filters=filters)
+  prepare, init, admit, run, spans = programs(config, slots=slots, input_length=input_length,
+                                              cache_length=cache_length, width=width, sampling=sampling,
+                                              filters=filters)
   keys = _request_keys(requests)
 
   with model._mesh_context():  # pylint: disable=protected-access
@@ -121,7 +122,11 @@ def generate(model, requests: Sequence[Request], *, slots: int = 8, refill: int 
       if not busy:
         continue
       want_free = slots - busy + min(len(pending), refill) if pending else slots
-      state = run(weights, state, np.int32(want_free))
+      # The shortest attention span that holds every busy slot's keys at the next step (the run stops before
+      # they outgrow it, and the loop comes back here for a longer one).
+      clock, since = _on_host(state.clock), _on_host(state.since)
+      keys_needed = max(int(clock - since[r]) + 1 for r in range(slots) if in_slot[r] >= 0)
+      state = run(weights, state, np.int32(want_free), span=span_for(keys_needed, spans))
       done, count, out = (_on_host(x) for x in (state.done, state.count, state.out))
       for r in range(slots):
         if in_slot[r] >= 0 and done[r]:

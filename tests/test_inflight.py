@@ -84,6 +84,37 @@ def test_greedy_equals_static_batching_whatever_the_neighbours(case):
       np.testing.assert_array_equal(got[i], w, err_msg=f"request {i}, slots={slots}, refill={refill}")
 
 
+def test_attention_spans_follow_the_longest_busy_request(case, monkeypatch):
+  """Requests of up to 100 new tokens: runs read the last 32, 64, 128... clock values as the busy requests' keys
+  grow (decoding/slots.py), over rings the shared clock wraps several times, and answers stay static batching's."""
+  model, _, _ = case
+  config = model.config
+  ids = np.random.default_rng(9).integers(2, min(config.vocab_size, 120), (8, 12))
+  counts = np.bincount(model.generate(ids, max_new_tokens=16).ravel(), minlength=config.vocab_size)
+  model = Model(config.replace(eos_token_id=int(np.argmin(counts))), model.params)  # requests end at their limits
+  rng = np.random.default_rng(4)
+  requests = [inflight.Request(rng.integers(2, min(config.vocab_size, 120), n).tolist(), limit)
+              for n, limit in ((5, 3), (17, 100), (1, 40), (9, 75), (19, 9), (3, 60), (12, 30), (7, 90))]
+  want = _static(model, requests)
+  spans = []
+  programs = inflight.programs
+
+  def recording(*args, **kwargs):
+    made = programs(*args, **kwargs)
+
+    def run(weights, state, want_free, span):
+      spans.append(span)
+      return made.run(weights, state, want_free, span=span)
+
+    return made._replace(run=run)
+
+  monkeypatch.setattr(inflight, "programs", recording)
+  got = _inflight(model, requests, slots=3, refill=1)
+  for i, w in enumerate(want):
+    np.testing.assert_array_equal(got[i], w, err_msg=f"request {i}")
+  assert {32, 64}.issubset(spans) and max(spans) >= 128, spans
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 def test_sharded_equals_unsharded(case):
   """Slots split over data x fsdp, weights over fsdp and tensor."""

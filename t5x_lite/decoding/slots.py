@@ -1,11 +1,19 @@
 """In-flight (continuous) batching: a fixed number of slots, each decoding one request; when a request ends (EOS or
 its own limit) the next takes its slot. The model-agnostic programs over a family's `SlotDecoder`.
 
-Three jitted programs, whatever the mix of requests (shapes are static; admissions are bucketed):
-  init(weights)                      -> SlotState with every slot idle
-  admit(weights, state, requests)    -> the state with A requests written into free slot rows
-  run(weights, state, want_free)     -> the state after decoding steps, stopped once `want_free` slots are free
+Jitted programs, whatever the mix of requests (shapes are static; admissions are bucketed):
+  init(weights)                         -> SlotState with every slot idle
+  admit(weights, state, requests)       -> the state with A requests written into free slot rows
+  run(weights, state, want_free, span)  -> the state after decoding steps, stopped once `want_free` slots are free
+                                           or a busy slot's keys would outgrow `span`
 The host (t5x_lite/inflight.py) alternates admit and run; nothing inside a run returns to the host.
+
+Attention spans: the self-attention caches are rings long enough for the longest request (kv_cache.Ring), but a
+step reads only the last `span` clock values, `span` the smallest of `spans` (powers of two, then the ring's
+length; one compiled run each) that covers every busy slot's keys. A request's keys grow one per step, so the
+host picks the span before each run and the run stops when it would no longer cover them. Static batching reads
+each batch's own cache length; without spans every in-flight step would read the ring sized for the longest
+request of the whole list.
 
 Every request decides its own tokens: greedy rows take the argmax; sampling rows draw token t with
 `fold_in(request key, t)` after their own temperature / top-k / top-p, so a request's output depends on its seed
@@ -20,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import sharding
+from t5x_lite.decoding import kv_cache
 from t5x_lite.decoding.sampling import outside_top_p
 from t5x_lite.models.registry import family_of_config
 from t5x_lite.nn.argmax import argmax
@@ -30,6 +39,7 @@ class SlotState(NamedTuple):
   """Everything the slots carry between programs; per-slot fields are (R,)."""
   cache: Any  # the family's (SlotDecoder.init)
   clock: jax.Array  # () int32: the shared step counter that indexes the caches' rings
+  since: jax.Array  # the clock value of the slot's first key (its prompt's first real token, or its first step)
   tokens: jax.Array  # the token each slot feeds at its next step
   count: jax.Array  # tokens written to `out` so far
   limit: jax.Array  # the request's max_new_tokens
@@ -85,16 +95,43 @@ def _choose(logits_RV, keys_R2, t_R, sample_R, temperature_R, top_k_R, top_p_R, 
 # The clock starts here so that every prompt's clock values [clock - P, clock) are non-negative; int32 leaves
 # 2**31 - 2**20 steps after it.
 _FIRST_CLOCK = 2 ** 20
+# The shortest attention span compiled: each span is one more compiled run.
+_SHORTEST_SPAN = 32
+
+
+class SlotPrograms(NamedTuple):
+  """What `programs` gives: the jitted programs (the module docstring) and the attention spans `run` takes."""
+  prepare: Any
+  init: Any
+  admit: Any
+  run: Any
+  spans: tuple[int, ...]
+
+
+def attention_spans(cache_length: int) -> tuple[int, ...]:
+  """The spans a run may read: powers of two from _SHORTEST_SPAN below `cache_length`, then `cache_length`."""
+  spans, span = [], _SHORTEST_SPAN
+  while span < cache_length:
+    spans.append(span)
+    span *= 2
+  return (*spans, cache_length)
+
+
+def span_for(keys: int, spans: tuple[int, ...]) -> int:
+  """The shortest span that holds `keys` keys."""
+  return next(span for span in spans if span >= keys)
 
 
 @functools.lru_cache(maxsize=16)
 def programs(config, *, slots: int, input_length: int, cache_length: int, width: int, sampling: bool,
-             filters: bool):
-  """The jitted (prepare, init, admit, run) for `config`'s family over R = `slots` requests of up to `input_length`
-  input tokens, T = `width` new tokens each, `cache_length` self-attention positions (decoder-only: prompt and new
-  tokens). `sampling`: some request samples (greedy-only runs compile the argmax alone); `filters`: some sampling
-  request uses top-k or top-p (each step then sorts the vocabulary)."""
-  slot_decoder = family_of_config(config).slot_decoder(config, slots, input_length, cache_length)
+             filters: bool) -> SlotPrograms:
+  """The jitted (prepare, init, admit, run) and attention spans for `config`'s family over R = `slots` requests of
+  up to `input_length` input tokens, T = `width` new tokens each, `cache_length` self-attention positions
+  (decoder-only: prompt and new tokens). `sampling`: some request samples (greedy-only runs compile the argmax
+  alone); `filters`: some sampling request uses top-k or top-p (each step then sorts the vocabulary)."""
+  spans = attention_spans(cache_length)
+  ring = kv_cache.Ring(cache_length, mirror=cache_length)
+  slot_decoder = family_of_config(config).slot_decoder(config, slots, input_length, ring)
   R, T = slots, width
   eos_id, pad_id = config.eos_token_id, config.pad_token_id
   choose = functools.partial(_choose, sampling=sampling, filters=filters)
@@ -115,10 +152,10 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
   def init(weights):  # pylint: disable=unused-argument
     zeros = jnp.zeros((R,), jnp.int32)
     return rows(SlotState(
-        cache=slot_decoder.init(), clock=jnp.int32(_FIRST_CLOCK), tokens=zeros, count=zeros, limit=zeros,
-        done=jnp.ones((R,), bool), out=jnp.full((R, T), pad_id, jnp.int32), keys=jnp.zeros((R, 2), jnp.uint32),
-        sample=jnp.zeros((R,), bool), temperature=jnp.ones((R,), jnp.float32), top_k=zeros,
-        top_p=jnp.ones((R,), jnp.float32)))
+        cache=slot_decoder.init(), clock=jnp.int32(_FIRST_CLOCK), since=zeros, tokens=zeros, count=zeros,
+        limit=zeros, done=jnp.ones((R,), bool), out=jnp.full((R, T), pad_id, jnp.int32),
+        keys=jnp.zeros((R, 2), jnp.uint32), sample=jnp.zeros((R,), bool), temperature=jnp.ones((R,), jnp.float32),
+        top_k=zeros, top_p=jnp.ones((R,), jnp.float32)))
 
   def admit(weights, state: SlotState, a: Admission) -> SlotState:
     # The clock does not move: a decoder-only prompt takes the clock values just before it, in its own row.
@@ -131,24 +168,28 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
     if first_logits is None:  # encoder-decoder: the first step feeds the start token
       tokens = jnp.full_like(a.limit, slot_decoder.start_token)
       count, done = jnp.zeros_like(a.limit), a.limit <= 0
+      since = jnp.full_like(a.limit, state.clock)
     else:  # decoder-only: the prefill's logits give token 0
       tokens = choose(first_logits, a.keys, jnp.zeros_like(a.limit), a.sample, a.temperature, a.top_k, a.top_p)
       out = out.at[:, 0].set(tokens)
       count, done = jnp.ones_like(a.limit), (tokens == eos_id) | (a.limit <= 1)
+      since = state.clock - jnp.sum(a.mask, axis=1, dtype=jnp.int32)  # the prompt is left-padded
     return rows(state._replace(
-        cache=cache, tokens=put(state.tokens, tokens), count=put(state.count, count), limit=put(state.limit, a.limit),
-        done=put(state.done, done), out=put(state.out, out), keys=put(state.keys, a.keys),
-        sample=put(state.sample, a.sample), temperature=put(state.temperature, a.temperature),
-        top_k=put(state.top_k, a.top_k), top_p=put(state.top_p, a.top_p)))
+        cache=cache, since=put(state.since, since), tokens=put(state.tokens, tokens), count=put(state.count, count),
+        limit=put(state.limit, a.limit), done=put(state.done, done), out=put(state.out, out),
+        keys=put(state.keys, a.keys), sample=put(state.sample, a.sample),
+        temperature=put(state.temperature, a.temperature), top_k=put(state.top_k, a.top_k),
+        top_p=put(state.top_p, a.top_p)))
 
-  def run(weights, state: SlotState, want_free: jax.Array) -> SlotState:
-    """Steps every slot until at least `want_free` slots are done (all of them: pass R)."""
+  def run(weights, state: SlotState, want_free: jax.Array, span: int) -> SlotState:
+    """Steps every slot until at least `want_free` slots are done (all of them: pass R), or until a busy slot's
+    keys would not fit the last `span` clock values (one of `spans`)."""
 
     def cond(s):
-      return jnp.sum(s.done) < want_free
+      return (jnp.sum(s.done) < want_free) & jnp.all(s.done | (s.clock - s.since < span))
 
     def body(s):
-      logits, cache = slot_decoder.step(weights, s.tokens, s.cache, s.clock)
+      logits, cache = slot_decoder.step(weights, s.tokens, s.cache, s.clock, span)
       tokens = choose(logits, s.keys, s.count, s.sample, s.temperature, s.top_k, s.top_p)
       at = jnp.where(s.done, T, s.count)  # finished rows write nothing (index T is dropped)
       out = s.out.at[jnp.arange(R), at].set(tokens, mode="drop")
@@ -161,5 +202,5 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
   def prepare(params):  # quantized weights dequantized once per request list, or per step (nn/quant.py)
     return slot_decoder.prepare(for_decoding(params, config.dtype))
 
-  return (jax.jit(prepare), jax.jit(init), jax.jit(admit, donate_argnums=1),
-          jax.jit(run, donate_argnums=1))
+  return SlotPrograms(jax.jit(prepare), jax.jit(init), jax.jit(admit, donate_argnums=1),
+                      jax.jit(run, donate_argnums=1, static_argnames="span"), spans)

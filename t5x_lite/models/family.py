@@ -25,8 +25,9 @@ Its hooks (shape letters: t5x_lite/shapes.py):
           their lengths, and "images" to the image slots per row.
   check_inputs(config, input_ids_BS, decoder_input_ids_BT or None) -> None, or ValueError for inputs the task
           cannot read.
-  slot_decoder(config, slots, input_length, cache_length) -> SlotDecoder: the decoder over a fixed number of slots,
-          each holding one request, for in-flight batching (decoding/slots.py).
+  slot_decoder(config, slots, input_length, ring) -> SlotDecoder: the decoder over a fixed number of slots, each
+          holding one request, for in-flight batching (decoding/slots.py); `ring` (decoding/kv_cache.Ring) sizes
+          its self-attention caches.
   image_rows(config, input_ids_BS, pixel_values_I3HW) -> (B, I, c, height, width): only for a family whose
           encoder reads images. It lays transformers' flat pixel_values out per row (ValueError when the image
           tokens and the images disagree); forward, encode, decoder and batch_logits (batch["pixel_values"])
@@ -65,9 +66,10 @@ class SlotDecoder(NamedTuple):
   """A family's decoder over R slots that requests enter and leave one by one (in-flight batching).
 
   Every slot's self-attention cache is a ring indexed by one clock `g` (scalar int32) that all slots share: step g
-  writes ring slot g % cache_length in every row, and a request admitted at clock g0 keeps its prompt (decoder-only)
-  in the slots of clock values [g0 - P, g0). Per-row validity masks keep each row to its own request's keys, so
-  the step stays one program with one scalar write position, whatever mix of requests the slots hold.
+  writes ring slot g % ring.length (and its mirror slot, kv_cache.Ring) in every row, and a request admitted at
+  clock g0 keeps its prompt (decoder-only) in the slots of clock values [g0 - P, g0). Per-row validity masks keep
+  each row to its own request's keys, so the step stays one program with one scalar write position, whatever mix
+  of requests the slots hold.
 
   prepare(params) -> weights: what admit and step read (decoding weight layouts computed once, not per call).
   init() -> cache: R idle slots (every row attends at least to its current key, so idle rows stay finite).
@@ -75,7 +77,8 @@ class SlotDecoder(NamedTuple):
     (or the prefill) of A requests (right-padded ids for encoder-decoders, left-padded for decoder-only) and
     writes their state into slot rows `rows_A` (rows >= R are padding and dropped); decoder-only families return
     the logits of each request's first new token. `extra`: the encoder's keyword inputs (images) per request.
-  step(weights, tokens_R, cache, g) -> (logits_RV, cache): feeds each row's token at clock g.
+  step(weights, tokens_R, cache, g, span) -> (logits_RV, cache): feeds each row's token at clock g, reading only
+    the keys of the last `span` clock values (static; the caller keeps every row's keys inside them).
   start_token: the token an encoder-decoder's first step feeds (None for decoder-only).
   """
   prepare: Callable

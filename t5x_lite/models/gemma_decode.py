@@ -153,24 +153,29 @@ def decode_layer_params(params: dict, config: GemmaConfig) -> list[dict]:
   return layers
 
 
-def empty_cache(config: GemmaConfig, batch: int, max_length: int) -> dict:
-  """The cache of a stack that starts decoding from nothing (T5Gemma 2's decoder): no slot written yet, RoPE
-  positions from 0."""
+def empty_cache(config: GemmaConfig, batch: int, ring: kv_cache.Ring) -> dict:
+  """The cache of a stack that starts decoding from nothing (in-flight slots, T5Gemma 2's decoder): no slot written
+  yet, RoPE positions from 0; `ring.length` positions (a sliding layer's own ring when its window is shorter)."""
   dtype = jnp.dtype(config.dtype)
   K, H = config.num_kv_heads, config.head_dim
+  max_length = ring.length
   lengths = [ring_size(config, max_length) if s else max_length for s in config.sliding_layers]
+  lengths = [n + ring.mirror if n == max_length else n for n in lengths]
   return {"k": [kv_cache.zeros(batch, K, n, H, dtype) for n in lengths],
           "v": [kv_cache.zeros(batch, K, n, H, dtype) for n in lengths],
           "key_valid": jnp.zeros((batch, max_length), bool), "next_position": jnp.zeros((batch,), jnp.int32)}
 
 
 def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
-                cache: dict, *, vocab_major: bool = False, cross: dict | None = None) -> tuple[jax.Array, dict]:
+                cache: dict, *, vocab_major: bool = False, cross: dict | None = None, ring: kv_cache.Ring | None = None,
+                span: int | None = None) -> tuple[jax.Array, dict]:
   """Feeds `token_B` at position `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
   `vocab_major` (tied heads only; see `decoding.loop.decode_tokens`), and the updated cache.
 
-  Full-attention caches are rings too: position `slot` lives at slot % S_max (static decoding never wraps; an
-  in-flight batch's shared clock does), and `key_valid` (B, S_max), indexed the same way, holds each row's keys.
+  Full-attention caches are rings too (`kv_cache.Ring`, by default of S_max slots): position `slot` lives at
+  slot % S_max (static decoding never wraps; an in-flight batch's shared clock does), and `key_valid` (B, S_max),
+  indexed the same way, holds each row's keys. With `span` a mirrored ring is read over its last `span` positions
+  only (sliding layers whose window is shorter than S_max keep their own small ring, read whole).
 
   `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
   (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H). `cross` ({"k", "v": one
@@ -181,18 +186,24 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
   inv, scale = _setup(config)
   S_max = cache["key_valid"].shape[1]
-  ring = ring_size(config, S_max)
-  full_index = jnp.mod(slot, S_max)
-  key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, full_index))
+  full = kv_cache.Ring(S_max) if ring is None else ring
+  span = S_max if span is None else span
+  small = kv_cache.Ring(ring_size(config, S_max))  # sliding layers' own ring when the window is shorter
+  key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, jnp.mod(slot, S_max)))
   positions = cache["next_position"][:, None]
   if config.bidirectional:
     raise ValueError("a bidirectional Gemma 3 has no causal decoding")
-  full_mask = key_valid[:, None, None, :]  # slots after this one are not written yet (or hold no valid key)
-  ring_index = jnp.mod(slot, ring)
-  ring_slot = slot - jnp.mod(slot - jnp.arange(ring), ring)  # the position each ring index holds after the write
-  in_window = (ring_slot >= 0) & (ring_slot > slot - (config.sliding_window or S_max))
-  window_valid = jnp.take(key_valid, jnp.mod(jnp.maximum(ring_slot, 0), S_max), axis=1)
-  window_mask = (in_window[None, :] & window_valid)[:, None, None, :]
+  clocks = kv_cache.window_clocks(slot, full, span)  # the position each key read holds
+  valid = key_valid if not full.mirror else jnp.take(key_valid, jnp.mod(clocks, S_max), axis=1)
+  full_mask = valid[:, None, None, :]  # slots after this one are not written yet (or hold no valid key)
+  window = config.sliding_window or S_max
+  if small.length == S_max:  # sliding layers read the full layers' keys, those within the window
+    window_mask = ((clocks > slot - window)[None, :] & valid)[:, None, None, :]
+  else:
+    ring_slot = kv_cache.window_clocks(slot, small, small.length)
+    in_window = (ring_slot >= 0) & (ring_slot > slot - window)
+    window_valid = jnp.take(key_valid, jnp.mod(jnp.maximum(ring_slot, 0), S_max), axis=1)
+    window_mask = (in_window[None, :] & window_valid)[:, None, None, :]
   eps = config.rms_norm_eps
   act = ACTIVATIONS[config.mlp_activation]
 
@@ -211,13 +222,15 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if config.qk_norm:
       q, k = norm(q, p["q_norm"], -1), norm(k, p["k_norm"], -1)
     q, k = apply_rope(q, positions, inv[sliding]), apply_rope(k, positions, inv[sliding])
-    index, mask = (ring_index, window_mask) if sliding else (full_index, full_mask)
-    new_k.append(kv_cache.write(cache["k"][i], k, index))
-    new_v.append(kv_cache.write(cache["v"][i], v, index))
+    own, own_span = (small, small.length) if sliding and small.length < S_max else (full, span)
+    new_k.append(kv_cache.ring_write(cache["k"][i], k, slot, own))
+    new_v.append(kv_cache.ring_write(cache["v"][i], v, slot, own))
     also = None if cross is None else (kv_cache.view(cross["k"][i], B, K), kv_cache.view(cross["v"][i], B, K),
                                        cross["mask"])
-    attn = cached_attention(q, kv_cache.view(new_k[i], B, K), kv_cache.view(new_v[i], B, K), mask=mask,
-                            scale=scale, softcap=config.attn_logit_softcap, also=also)
+    attn = cached_attention(q, kv_cache.view(kv_cache.ring_window(new_k[i], slot, own, own_span), B, K),
+                            kv_cache.view(kv_cache.ring_window(new_v[i], slot, own, own_span), B, K),
+                            mask=window_mask if sliding else full_mask, scale=scale,
+                            softcap=config.attn_logit_softcap, also=also)
     h = quant.matmul(p["o"], attn.reshape(B, N * H).T)
     if config.sandwich_norms:
       h = norm(h, p["post_attn_norm"])
@@ -265,44 +278,45 @@ def decoder(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
 
 
 def write_prompts(config: GemmaConfig, cache: dict, rows_A: jax.Array, kvs: list, mask_AP: jax.Array,
-                  g: jax.Array) -> dict:
-  """`cache` (R slots, `empty_cache`'s layout) with rows `rows_A` holding prompts (their keys and values `kvs`, as
-  `prompt_keys` gives them) at the clock values [g - P, g): full layers at those values % S_max, sliding layers
-  their last ring-size positions at the values % ring; `key_valid` the prompts' mask; positions continue them."""
+                  g: jax.Array, ring: kv_cache.Ring) -> dict:
+  """`cache` (R slots, `empty_cache(.., ring)`'s layout) with rows `rows_A` holding prompts (their keys and values
+  `kvs`, as `prompt_keys` gives them) at the clock values [g - P, g): full layers at those values % S_max (and
+  their mirror slots), sliding layers with a shorter window their last window positions at the values % window;
+  `key_valid` the prompts' mask; positions continue them."""
   R, S = cache["key_valid"].shape
   A, P = mask_AP.shape
   K = config.num_kv_heads
   clock = g - P + jnp.arange(P)
-  ring = ring_size(config, S)
-  last = P - min(P, ring)  # earlier prompt positions would be overwritten in the ring anyway
+  small = ring_size(config, S)
+  last = P - min(P, small)  # earlier prompt positions would be overwritten in the ring anyway
   k, v = [], []
   for (k_APKH, v_APKH), old_k, old_v, sliding in zip(kvs, cache["k"], cache["v"], config.sliding_layers):
-    at = jnp.mod(clock[last:], ring) if sliding else jnp.mod(clock, S)
-    first = last if sliding else 0
-    k.append(kv_cache.put(old_k, rows_A, k_APKH[:, first:].transpose(0, 2, 1, 3), R, K, slots_S=at))
-    v.append(kv_cache.put(old_v, rows_A, v_APKH[:, first:].transpose(0, 2, 1, 3), R, K, slots_S=at))
+    own, first = (kv_cache.Ring(small), last) if sliding and small < S else (ring, 0)
+    at = jnp.mod(clock[first:], own.length)
+    k.append(kv_cache.ring_put(old_k, rows_A, k_APKH[:, first:].transpose(0, 2, 1, 3), R, K, at, own))
+    v.append(kv_cache.ring_put(old_v, rows_A, v_APKH[:, first:].transpose(0, 2, 1, 3), R, K, at, own))
   valid = jnp.zeros((A, S), bool).at[:, jnp.mod(clock, S)].set(mask_AP.astype(bool))
   return {**cache, "k": k, "v": v, "key_valid": cache["key_valid"].at[rows_A].set(valid, mode="drop"),
           "next_position": cache["next_position"].at[rows_A].set(jnp.sum(mask_AP, axis=1).astype(jnp.int32),
                                                                  mode="drop")}
 
 
-def slot_decoder(config: GemmaConfig, slots: int, input_length: int, cache_length: int) -> SlotDecoder:
-  """The decoder over R = `slots` requests whose prompt and new tokens together fit `cache_length` positions (the
-  caller keeps input_length + new tokens <= cache_length): admission prefills a request's prompt into its row."""
-  del input_length  # each admission's prompt bucket is its own; the ring holds cache_length positions
+def slot_decoder(config: GemmaConfig, slots: int, input_length: int, ring: kv_cache.Ring) -> SlotDecoder:
+  """The decoder over R = `slots` requests whose prompt and new tokens together fit `ring.length` positions (the
+  caller keeps input_length + new tokens <= ring.length): admission prefills a request's prompt into its row."""
+  del input_length  # each admission's prompt bucket is its own; the ring holds ring.length positions
 
   def prepare(params):
     return {"params": params, "layers": decode_layer_params(params, config)}
 
   def init():
-    return empty_cache(config, slots, cache_length)
+    return empty_cache(config, slots, ring)
 
   def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
     logits_AV, kvs = prompt_keys(weights["params"], config, ids_AP, mask_AP)
-    return write_prompts(config, cache, rows_A, kvs, mask_AP, g), logits_AV
+    return write_prompts(config, cache, rows_A, kvs, mask_AP, g, ring), logits_AV
 
-  def step(weights, tokens_R, cache, g):
-    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache)
+  def step(weights, tokens_R, cache, g, span):
+    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache, ring=ring, span=span)
 
   return SlotDecoder(prepare, init, admit, step, None)

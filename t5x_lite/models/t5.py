@@ -345,31 +345,36 @@ def cross_attention_kv(layers: list[dict], config: T5Config, encoded_BSD: jax.Ar
 
 def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: jax.Array, index: jax.Array,
                  cache: dict, cross_kv: dict, encoder_mask_BS: jax.Array | None,
-                 self_valid_BS: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                 self_valid_BS: jax.Array | None = None, ring: kv_cache.Ring | None = None,
+                 span: int | None = None) -> tuple[jax.Array, dict]:
   """One decoder position for every row: feeds `token_B` at position `index` (scalar), returns the float32 logits
   (B, V) for the next token and the cache with that position written (in place: `dynamic_update_slice`).
 
-  The self-attention cache is a ring: position i lives in slot i % S_max (static decoding never wraps). Keys are
-  the slots written so far, or with `self_valid_BS` (B, S_max) the slots marked there, per row (in-flight
-  batching: a slot's request started at some earlier position). The relative bias reads each slot's distance
-  (index - slot) % S_max, the same for every row whenever its request started.
+  The self-attention cache is a ring (`kv_cache.Ring`, by default the cache's own length): position i lives in slot
+  i % S_max (static decoding never wraps). Keys are the slots written so far, or with `self_valid_BS` (B, S_max)
+  the slots marked there, per row (in-flight batching: a slot's request started at some earlier position). With
+  `span` the step reads only the last `span` positions (a mirrored ring's window). The relative bias reads each
+  key's distance from `index`, the same for every row whenever its request started.
 
   `layers` is `decoder_layer_params(params, config)`; `params` gives the embedding, relpos table, final norm
   and head. Activations run feature-major, x (D, B), between the (out, in) weight matmuls.
   """
   B = token_B.shape[0]
   N, H = config.num_heads, config.head_dim
-  S_max = cache["k"][0].shape[-2]
+  ring = kv_cache.Ring(cache["k"][0].shape[-2]) if ring is None else ring
+  span = ring.length if span is None else span
   dtype = jnp.dtype(config.dtype)
   eps = config.layer_norm_epsilon
   dec = params["decoder"]
   q_pos = jnp.full((1, 1), index, jnp.int32)
-  slot = jnp.mod(index, S_max)
-  k_pos = index - jnp.mod(index - masks.slot_index(1, S_max), S_max)  # the latest position each slot holds
+  clocks = kv_cache.window_clocks(index, ring, span)  # the position each key read holds
+  k_pos = clocks[None, :]
   if self_valid_BS is None:
-    self_mask = (k_pos >= 0)[:, None, None, :]  # (1, 1, 1, S_max): positions written so far, this one included
-  else:
+    self_mask = (k_pos >= 0)[:, None, None, :]  # (1, 1, 1, span): positions written so far, this one included
+  elif not ring.mirror:  # read as it lies
     self_mask = masks.key_padding_mask(self_valid_BS)
+  else:
+    self_mask = masks.key_padding_mask(jnp.take(self_valid_BS, jnp.mod(clocks, ring.length), axis=1))
   cross_mask = None if encoder_mask_BS is None else masks.key_padding_mask(encoder_mask_BS)
   shared_bias = None if config.relative_bias_per_layer else _relpos_bias(config, dec["relpos"], q_pos, k_pos, False)
   act = ACTIVATIONS[config.mlp_activation]
@@ -386,9 +391,10 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
     bias = shared_bias if shared_bias is not None else _relpos_bias(config, p["relpos"], q_pos, k_pos, False)
     h = rms_norm(x_DB, p["attn_norm"], eps=eps, axis=0)
     q, k, v = (heads(y) for y in quant.matmul(p["qkv"], h))
-    new_k.append(kv_cache.write(cache["k"][i], k, slot))
-    new_v.append(kv_cache.write(cache["v"][i], v, slot))
-    attn = cached_attention(q, kv_cache.view(new_k[i], B, N), kv_cache.view(new_v[i], B, N), mask=self_mask,
+    new_k.append(kv_cache.ring_write(cache["k"][i], k, index, ring))
+    new_v.append(kv_cache.ring_write(cache["v"][i], v, index, ring))
+    attn = cached_attention(q, kv_cache.view(kv_cache.ring_window(new_k[i], index, ring, span), B, N),
+                            kv_cache.view(kv_cache.ring_window(new_v[i], index, ring, span), B, N), mask=self_mask,
                             bias=bias)
     x_DB = x_DB + attend_out(p["o"], attn)
     h = rms_norm(x_DB, p["cross_norm"], eps=eps, axis=0)
@@ -428,11 +434,11 @@ def decoder(params: dict, config: T5Config, input_ids_BS: jax.Array, attention_m
   return Decoder(step, init_decoder_cache(config, R, max_new), first, None, reorder)
 
 
-def slot_decoder(config: T5Config, slots: int, input_length: int, cache_length: int) -> SlotDecoder:
-  """The decoder over R = `slots` requests of up to `input_length` input tokens and `cache_length` new tokens each:
+def slot_decoder(config: T5Config, slots: int, input_length: int, ring: kv_cache.Ring) -> SlotDecoder:
+  """The decoder over R = `slots` requests of up to `input_length` input tokens and `ring.length` new tokens each:
   per row, cross keys/values (R, N, input_length, H) written when its request is admitted, the encoder mask, and
-  the self-attention ring with `valid` (R, cache_length) marking its request's positions."""
-  R, N, E, S = slots, config.num_heads, input_length, cache_length
+  the self-attention ring with `valid` (R, ring.length) marking its request's positions."""
+  R, N, E, S = slots, config.num_heads, input_length, ring.length
   dtype = jnp.dtype(config.dtype)
 
   def prepare(params):
@@ -440,7 +446,8 @@ def slot_decoder(config: T5Config, slots: int, input_length: int, cache_length: 
 
   def init():
     cross = [kv_cache.zeros(R, N, E, config.head_dim, dtype) for _ in range(config.num_decoder_layers)]
-    return {**init_decoder_cache(config, R, S), "cross_k": cross, "cross_v": list(cross),
+    own = [kv_cache.ring_zeros(R, N, ring, config.head_dim, dtype) for _ in range(config.num_decoder_layers)]
+    return {"k": own, "v": list(own), "cross_k": cross, "cross_v": list(cross),
             "encoder_mask": jnp.ones((R, E), bool), "valid": jnp.zeros((R, S), bool)}
 
   def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
@@ -459,11 +466,11 @@ def slot_decoder(config: T5Config, slots: int, input_length: int, cache_length: 
             "encoder_mask": cache["encoder_mask"].at[rows_A].set(mask, mode="drop"),
             "valid": cache["valid"].at[rows_A].set(False, mode="drop")}, None
 
-  def step(weights, tokens_R, cache, g):
+  def step(weights, tokens_R, cache, g, span):
     valid = cache["valid"].at[:, jnp.mod(g, S)].set(True)
     logits, kv = decoder_step(weights["params"], config, weights["layers"], tokens_R, g,
                               {"k": cache["k"], "v": cache["v"]}, {"k": cache["cross_k"], "v": cache["cross_v"]},
-                              cache["encoder_mask"], valid)
+                              cache["encoder_mask"], valid, ring, span)
     return logits, {**cache, **kv, "valid": valid}
 
   return SlotDecoder(prepare, init, admit, step, config.decoder_start_token_id)

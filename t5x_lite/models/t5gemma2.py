@@ -231,11 +231,11 @@ def decoder(params: dict, config: T5Gemma2Config, input_ids_BS: jax.Array, atten
             else jnp.take(xs, rows_R, axis=0) for name, xs in cache.items()}
 
   first = jnp.full((R,), config.decoder_start_token_id, jnp.int32)
-  return Decoder(step, gemma_decode.empty_cache(cfg, R, max_new), first, None, reorder, vocab_major=True)
+  return Decoder(step, gemma_decode.empty_cache(cfg, R, kv_cache.Ring(max_new)), first, None, reorder, vocab_major=True)
 
 
-def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, cache_length: int) -> SlotDecoder:
-  """The decoder over R = `slots` requests of up to `input_length` encoder tokens and `cache_length` new tokens
+def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, ring: kv_cache.Ring) -> SlotDecoder:
+  """The decoder over R = `slots` requests of up to `input_length` encoder tokens and `ring.length` new tokens
   each: per row, every layer's encoder keys and values (R, K, input_length, H) and the encoder mask, written when
   its request is admitted, beside the decoder's own caches (gemma_decode's, rings indexed by the shared clock)."""
   cfg = config.decoder
@@ -248,7 +248,7 @@ def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, cache_le
 
   def init():
     empty = [kv_cache.zeros(R, K, E, cfg.head_dim, dtype) for _ in range(cfg.num_layers)]
-    return {**gemma_decode.empty_cache(cfg, R, cache_length), "encoder_k": empty, "encoder_v": list(empty),
+    return {**gemma_decode.empty_cache(cfg, R, ring), "encoder_k": empty, "encoder_v": list(empty),
             "encoder_mask": jnp.ones((R, E), bool)}
 
   def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
@@ -268,10 +268,11 @@ def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, cache_le
             "key_valid": cache["key_valid"].at[rows_A].set(False, mode="drop"),
             "next_position": cache["next_position"].at[rows_A].set(0, mode="drop")}, None
 
-  def step(weights, tokens_R, cache, g):
+  def step(weights, tokens_R, cache, g, span):
     cross = {"k": cache["encoder_k"], "v": cache["encoder_v"], "mask": masks.key_padding_mask(cache["encoder_mask"])}
     own = {name: cache[name] for name in ("k", "v", "key_valid", "next_position")}
-    logits, own = gemma_decode.decode_step(weights["view"], cfg, weights["layers"], tokens_R, g, own, cross=cross)
+    logits, own = gemma_decode.decode_step(weights["view"], cfg, weights["layers"], tokens_R, g, own, cross=cross,
+                                           ring=ring, span=span)
     return logits, {**cache, **own}
 
   return SlotDecoder(prepare, init, admit, step, config.decoder_start_token_id)
