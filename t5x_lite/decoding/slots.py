@@ -1,12 +1,14 @@
 """In-flight (continuous) batching: a fixed number of slots, each decoding one request; when a request ends (EOS or
 its own limit) the next takes its slot. The model-agnostic programs over a family's `SlotDecoder`.
 
-Jitted programs, whatever the mix of requests (shapes are static; admissions are bucketed):
+Jitted programs, whatever the mix of requests (shapes are static; stagings and admissions are bucketed):
   init(weights)                         -> SlotState with every slot idle
-  admit(weights, state, requests)       -> the state with A requests written into free slot rows
+  stage(weights, ids, mask, images)     -> Staged: Q waiting requests encoded (or prefilled) together
+  admit(state, staged, admission)       -> the state with A of the staged requests written into free slot rows
   run(weights, state, want_free, span)  -> the state after decoding steps, stopped once `want_free` slots are free
                                            or a busy slot's keys would outgrow `span`
-The host (t5x_lite/inflight.py) alternates admit and run; nothing inside a run returns to the host.
+The host (t5x_lite/inflight.py) stages requests `slots` at a time and alternates admit and run; nothing inside a
+run returns to the host.
 
 Attention spans: the self-attention caches are rings long enough for the longest request (kv_cache.Ring), but a
 step reads only the last `span` clock values, `span` the smallest of `spans` (powers of two, then the ring's
@@ -52,18 +54,23 @@ class SlotState(NamedTuple):
   top_p: jax.Array  # float32, 1.0 = no top-p filter
 
 
+class Staged(NamedTuple):
+  """Requests encoded (or prefilled) ahead of their slots, every leaf (Q, ...): Q requests staged together."""
+  state: Any  # the family's (SlotDecoder.encode)
+  lengths: jax.Array  # (Q,) int32: each request's real input tokens
+  first_logits: jax.Array | None  # (Q, V) float32, decoder-only: the logits of the first new token
+
+
 class Admission(NamedTuple):
-  """A requests for free slot rows (rows >= R: batch padding, dropped), each field (A,) unless stated."""
+  """A staged requests for free slot rows (rows >= R: batch padding, dropped), each field (A,) unless stated."""
   rows: jax.Array  # int32 slot row of each request
-  ids: jax.Array  # (A, P) int32, right-padded (encoder-decoder) or left-padded (decoder-only)
-  mask: jax.Array  # (A, P) int32
+  picks: jax.Array  # int32: its index among the staged requests
   limit: jax.Array  # int32 max_new_tokens
   keys: jax.Array  # (A, 2) uint32
   sample: jax.Array
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
-  extra: dict  # the encoder's keyword inputs per request (images), {} for text
 
 
 def _filtered(logits_RV: jax.Array, temperature_R, top_k_R, top_p_R, filters: bool) -> jax.Array:
@@ -103,6 +110,7 @@ class SlotPrograms(NamedTuple):
   """What `programs` gives: the jitted programs (the module docstring) and the attention spans `run` takes."""
   prepare: Any
   init: Any
+  stage: Any
   admit: Any
   run: Any
   spans: tuple[int, ...]
@@ -125,8 +133,8 @@ def span_for(keys: int, spans: tuple[int, ...]) -> int:
 @functools.lru_cache(maxsize=16)
 def programs(config, *, slots: int, input_length: int, cache_length: int, width: int, sampling: bool,
              filters: bool) -> SlotPrograms:
-  """The jitted (prepare, init, admit, run) and attention spans for `config`'s family over R = `slots` requests of
-  up to `input_length` input tokens, T = `width` new tokens each, `cache_length` self-attention positions
+  """The jitted (prepare, init, stage, admit, run) and attention spans for `config`'s family over R = `slots`
+  requests of up to `input_length` input tokens, T = `width` new tokens each, `cache_length` self-attention positions
   (decoder-only: prompt and new tokens). `sampling`: some request samples (greedy-only runs compile the argmax
   alone); `filters`: some sampling request uses top-k or top-p (each step then sorts the vocabulary)."""
   spans = attention_spans(cache_length)
@@ -157,9 +165,20 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
         keys=jnp.zeros((R, 2), jnp.uint32), sample=jnp.zeros((R,), bool), temperature=jnp.ones((R,), jnp.float32),
         top_k=zeros, top_p=jnp.ones((R,), jnp.float32)))
 
-  def admit(weights, state: SlotState, a: Admission) -> SlotState:
+  def stage(weights, ids, mask, extra) -> Staged:
+    """Q requests' ids and mask (Q, P), right-padded (encoder-decoder) or left-padded (decoder-only), and the
+    encoder's keyword inputs per request (images), encoded together before any of them has a slot: one encoder
+    call over `slots` requests where admissions as slots free up would make several small ones."""
+    staged, first_logits = slot_decoder.encode(weights, ids, mask, extra)
+    return Staged(staged, jnp.sum(mask, axis=1, dtype=jnp.int32), first_logits)
+
+  def admit(state: SlotState, staged: Staged, a: Admission) -> SlotState:
     # The clock does not move: a decoder-only prompt takes the clock values just before it, in its own row.
-    cache, first_logits = slot_decoder.admit(weights, state.cache, a.rows, a.ids, a.mask, state.clock, a.extra)
+    def picked(x):
+      return jnp.take(x, a.picks, axis=0)
+
+    cache = slot_decoder.place(state.cache, a.rows, jax.tree.map(picked, staged.state), state.clock)
+    first_logits = None if staged.first_logits is None else picked(staged.first_logits)
 
     def put(field, values):
       return field.at[a.rows].set(values, mode="drop")
@@ -173,7 +192,7 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
       tokens = choose(first_logits, a.keys, jnp.zeros_like(a.limit), a.sample, a.temperature, a.top_k, a.top_p)
       out = out.at[:, 0].set(tokens)
       count, done = jnp.ones_like(a.limit), (tokens == eos_id) | (a.limit <= 1)
-      since = state.clock - jnp.sum(a.mask, axis=1, dtype=jnp.int32)  # the prompt is left-padded
+      since = state.clock - picked(staged.lengths)  # the prompt is left-padded
     return rows(state._replace(
         cache=cache, since=put(state.since, since), tokens=put(state.tokens, tokens), count=put(state.count, count),
         limit=put(state.limit, a.limit), done=put(state.done, done), out=put(state.out, out),
@@ -202,5 +221,5 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
   def prepare(params):  # quantized weights dequantized once per request list, or per step (nn/quant.py)
     return slot_decoder.prepare(for_decoding(params, config.dtype))
 
-  return SlotPrograms(jax.jit(prepare), jax.jit(init), jax.jit(admit, donate_argnums=1),
+  return SlotPrograms(jax.jit(prepare), jax.jit(init), jax.jit(stage), jax.jit(admit, donate_argnums=0),
                       jax.jit(run, donate_argnums=1, static_argnames="span"), spans)

@@ -71,19 +71,23 @@ class SlotDecoder(NamedTuple):
   each row to its own request's keys, so the step stays one program with one scalar write position, whatever mix
   of requests the slots hold.
 
-  prepare(params) -> weights: what admit and step read (decoding weight layouts computed once, not per call).
+  prepare(params) -> weights: what encode, place and step read (decoding weight layouts computed once).
   init() -> cache: R idle slots (every row attends at least to its current key, so idle rows stay finite).
-  admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra) -> (cache, first_logits_AV or None): runs the encoder
-    (or the prefill) of A requests (right-padded ids for encoder-decoders, left-padded for decoder-only) and
-    writes their state into slot rows `rows_A` (rows >= R are padding and dropped); decoder-only families return
-    the logits of each request's first new token. `extra`: the encoder's keyword inputs (images) per request.
+  encode(weights, ids_AP, mask_AP, extra) -> (staged, first_logits_AV or None): runs the encoder (or the prefill)
+    of A requests (right-padded ids for encoder-decoders, left-padded for decoder-only) before they have slots:
+    `staged` is their state, every leaf (A, ...) with its sequence axis padded to the slots' input length (so
+    that any of them can be taken out later); decoder-only families also return the logits of each request's
+    first new token. `extra`: the encoder's keyword inputs (images) per request.
+  place(cache, rows_A, staged_A, g) -> cache: writes A staged requests (taken from `encode`'s) into slot rows
+    `rows_A` at clock g (rows >= R are padding and dropped).
   step(weights, tokens_R, cache, g, span) -> (logits_RV, cache): feeds each row's token at clock g, reading only
     the keys of the last `span` clock values (static; the caller keeps every row's keys inside them).
   start_token: the token an encoder-decoder's first step feeds (None for decoder-only).
   """
   prepare: Callable
   init: Callable
-  admit: Callable
+  encode: Callable
+  place: Callable
   step: Callable
   start_token: int | None
 

@@ -303,8 +303,9 @@ def write_prompts(config: GemmaConfig, cache: dict, rows_A: jax.Array, kvs: list
 
 def slot_decoder(config: GemmaConfig, slots: int, input_length: int, ring: kv_cache.Ring) -> SlotDecoder:
   """The decoder over R = `slots` requests whose prompt and new tokens together fit `ring.length` positions (the
-  caller keeps input_length + new tokens <= ring.length): admission prefills a request's prompt into its row."""
-  del input_length  # each admission's prompt bucket is its own; the ring holds ring.length positions
+  caller keeps input_length + new tokens <= ring.length): a request's prompt is prefilled, its keys and values
+  padded on the left to `input_length` E, and written into its row when it enters a slot."""
+  E = input_length
 
   def prepare(params):
     return {"params": params, "layers": decode_layer_params(params, config)}
@@ -312,11 +313,20 @@ def slot_decoder(config: GemmaConfig, slots: int, input_length: int, ring: kv_ca
   def init():
     return empty_cache(config, slots, ring)
 
-  def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
+  def encode_requests(weights, ids_AP, mask_AP, extra):  # pylint: disable=unused-argument
     logits_AV, kvs = prompt_keys(weights["params"], config, ids_AP, mask_AP)
-    return write_prompts(config, cache, rows_A, kvs, mask_AP, g, ring), logits_AV
+    P = ids_AP.shape[1]
+
+    def padded(y_APKH):
+      return jnp.pad(y_APKH, ((0, 0), (E - P, 0), (0, 0), (0, 0)))
+
+    return {"kvs": [(padded(k), padded(v)) for k, v in kvs],
+            "mask": jnp.pad(mask_AP.astype(bool), ((0, 0), (E - P, 0)))}, logits_AV
+
+  def place(cache, rows_A, staged, g):
+    return write_prompts(config, cache, rows_A, staged["kvs"], staged["mask"], g, ring)
 
   def step(weights, tokens_R, cache, g, span):
     return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache, ring=ring, span=span)
 
-  return SlotDecoder(prepare, init, admit, step, None)
+  return SlotDecoder(prepare, init, encode_requests, place, step, None)

@@ -450,21 +450,22 @@ def slot_decoder(config: T5Config, slots: int, input_length: int, ring: kv_cache
     return {"k": own, "v": list(own), "cross_k": cross, "cross_v": list(cross),
             "encoder_mask": jnp.ones((R, E), bool), "valid": jnp.zeros((R, S), bool)}
 
-  def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
-    P = ids_AP.shape[1]
-    encoded = encode(weights["params"], config, ids_AP, mask_AP, **extra)
-    cross = cross_attention_kv(weights["layers"], config, encoded)
-    A = ids_AP.shape[0]
+  def encode_requests(weights, ids_AP, mask_AP, extra):
+    """Per request: every layer's cross keys and values (A, N, E, H) and the encoder mask (A, E), padded to E."""
+    A, P = ids_AP.shape
+    cross = cross_attention_kv(weights["layers"], config, encode(weights["params"], config, ids_AP, mask_AP, **extra))
 
-    def put(old, new):  # the request's keys padded to the slots' input length
-      new_AKEH = jnp.pad(kv_cache.view(new, A, N), ((0, 0), (0, 0), (0, E - P), (0, 0)))
-      return kv_cache.put(old, rows_A, new_AKEH, R, N)
+    def padded(y):
+      return jnp.pad(kv_cache.view(y, A, N), ((0, 0), (0, 0), (0, E - P), (0, 0)))
 
-    mask = jnp.pad(mask_AP.astype(bool), ((0, 0), (0, E - P)))
-    return {**cache, "cross_k": [put(o, n) for o, n in zip(cache["cross_k"], cross["k"])],
-            "cross_v": [put(o, n) for o, n in zip(cache["cross_v"], cross["v"])],
-            "encoder_mask": cache["encoder_mask"].at[rows_A].set(mask, mode="drop"),
-            "valid": cache["valid"].at[rows_A].set(False, mode="drop")}, None
+    return {"k": [padded(y) for y in cross["k"]], "v": [padded(y) for y in cross["v"]],
+            "mask": jnp.pad(mask_AP.astype(bool), ((0, 0), (0, E - P)))}, None
+
+  def place(cache, rows_A, staged, g):  # pylint: disable=unused-argument
+    return {**cache, "cross_k": [kv_cache.put(o, rows_A, n, R, N) for o, n in zip(cache["cross_k"], staged["k"])],
+            "cross_v": [kv_cache.put(o, rows_A, n, R, N) for o, n in zip(cache["cross_v"], staged["v"])],
+            "encoder_mask": cache["encoder_mask"].at[rows_A].set(staged["mask"], mode="drop"),
+            "valid": cache["valid"].at[rows_A].set(False, mode="drop")}
 
   def step(weights, tokens_R, cache, g, span):
     valid = cache["valid"].at[:, jnp.mod(g, S)].set(True)
@@ -473,4 +474,4 @@ def slot_decoder(config: T5Config, slots: int, input_length: int, ring: kv_cache
                               cache["encoder_mask"], valid, ring, span)
     return logits, {**cache, **kv, "valid": valid}
 
-  return SlotDecoder(prepare, init, admit, step, config.decoder_start_token_id)
+  return SlotDecoder(prepare, init, encode_requests, place, step, config.decoder_start_token_id)

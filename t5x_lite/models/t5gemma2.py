@@ -251,22 +251,25 @@ def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, ring: kv
     return {**gemma_decode.empty_cache(cfg, R, ring), "encoder_k": empty, "encoder_v": list(empty),
             "encoder_mask": jnp.ones((R, E), bool)}
 
-  def admit(weights, cache, rows_A, ids_AP, mask_AP, g, extra):  # pylint: disable=unused-argument
+  def encode_requests(weights, ids_AP, mask_AP, extra):
+    """Per request: every layer's encoder keys and values (A, K, E, H) and the encoder mask (A, E), padded to E."""
     params = weights["params"]
-    A, P = ids_AP.shape
+    P = ids_AP.shape[1]
     encoded = encode(params, config, ids_AP, mask_AP, **extra).astype(dtype)
     keys, values = [], []
-    for p, old_k, old_v in zip(unstack_layers(params["decoder"]["layers"], cfg.num_layers), cache["encoder_k"],
-                               cache["encoder_v"]):
+    for p in unstack_layers(params["decoder"]["layers"], cfg.num_layers):
       k, v = (jnp.pad(y.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, E - P), (0, 0)))
               for y in _encoder_keys(p, config, encoded))
-      keys.append(kv_cache.put(old_k, rows_A, k, R, K))
-      values.append(kv_cache.put(old_v, rows_A, v, R, K))
-    mask = jnp.pad(mask_AP.astype(bool), ((0, 0), (0, E - P)))
-    return {**cache, "encoder_k": keys, "encoder_v": values,
-            "encoder_mask": cache["encoder_mask"].at[rows_A].set(mask, mode="drop"),
+      keys.append(k)
+      values.append(v)
+    return {"k": keys, "v": values, "mask": jnp.pad(mask_AP.astype(bool), ((0, 0), (0, E - P)))}, None
+
+  def place(cache, rows_A, staged, g):  # pylint: disable=unused-argument
+    return {**cache, "encoder_k": [kv_cache.put(o, rows_A, n, R, K) for o, n in zip(cache["encoder_k"], staged["k"])],
+            "encoder_v": [kv_cache.put(o, rows_A, n, R, K) for o, n in zip(cache["encoder_v"], staged["v"])],
+            "encoder_mask": cache["encoder_mask"].at[rows_A].set(staged["mask"], mode="drop"),
             "key_valid": cache["key_valid"].at[rows_A].set(False, mode="drop"),
-            "next_position": cache["next_position"].at[rows_A].set(0, mode="drop")}, None
+            "next_position": cache["next_position"].at[rows_A].set(0, mode="drop")}
 
   def step(weights, tokens_R, cache, g, span):
     cross = {"k": cache["encoder_k"], "v": cache["encoder_v"], "mask": masks.key_padding_mask(cache["encoder_mask"])}
@@ -275,7 +278,7 @@ def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, ring: kv
                                            ring=ring, span=span)
     return logits, {**cache, **own}
 
-  return SlotDecoder(prepare, init, admit, step, config.decoder_start_token_id)
+  return SlotDecoder(prepare, init, encode_requests, place, step, config.decoder_start_token_id)
 
 
 def image_rows(config: T5Gemma2Config, input_ids_BS: np.ndarray, pixel_values_I3HW) -> np.ndarray:
