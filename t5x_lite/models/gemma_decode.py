@@ -194,7 +194,7 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   if config.bidirectional:
     raise ValueError("a bidirectional Gemma 3 has no causal decoding")
   clocks = kv_cache.window_clocks(slot, full, span)  # the position each key read holds
-  valid = key_valid if not full.mirror else jnp.take(key_valid, jnp.mod(clocks, S_max), axis=1)
+  valid = kv_cache.window_valid(key_valid, clocks, full)
   full_mask = valid[:, None, None, :]  # slots after this one are not written yet (or hold no valid key)
   window = config.sliding_window or S_max
   if small.length == S_max:  # sliding layers read the full layers' keys, those within the window

@@ -371,10 +371,8 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
   k_pos = clocks[None, :]
   if self_valid_BS is None:
     self_mask = (k_pos >= 0)[:, None, None, :]  # (1, 1, 1, span): positions written so far, this one included
-  elif not ring.mirror:  # read as it lies
-    self_mask = masks.key_padding_mask(self_valid_BS)
   else:
-    self_mask = masks.key_padding_mask(jnp.take(self_valid_BS, jnp.mod(clocks, ring.length), axis=1))
+    self_mask = masks.key_padding_mask(kv_cache.window_valid(self_valid_BS, clocks, ring))
   cross_mask = None if encoder_mask_BS is None else masks.key_padding_mask(encoder_mask_BS)
   shared_bias = None if config.relative_bias_per_layer else _relpos_bias(config, dec["relpos"], q_pos, k_pos, False)
   act = ACTIVATIONS[config.mlp_activation]
