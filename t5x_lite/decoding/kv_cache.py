@@ -63,67 +63,77 @@ def put(cache: jax.Array, rows_A: jax.Array, new_AKSH: jax.Array, batch: int, kv
 
 
 class Ring(NamedTuple):
-  """The self-attention caches of in-flight slots: rings of `length` slots indexed by a clock g shared by every row
-  (clock value c lives in slot c % length), each followed by a copy of its first `mirror` slots (slot s < mirror is
-  also written at length + s). With mirror == length a step reads the last `span` clock values as one contiguous
-  slice wherever the clock stands, instead of the whole ring: a decoding step reads its cache once, so its cost
-  follows the keys it reads (t5-v1_1-small, 8 rows, on a memory-bound 2-core host: 9.2 / 11.6 / 12.5 ms per step
-  over 64 / 128 / 256 slots). The slice is read with a dynamic offset even for the whole ring: XLA:CPU copied a
-  static slice before the attention matmul (in isolation, 8 layers of k/v attention over 8 rows: 10.3 ms per step
-  over a static 256-slot slice of a 384-slot cache, against 2.9 ms for a 256-slot cache read in place and 1.4 ms
-  for a 64-slot dynamic slice).
-  A static batch's cache is Ring(its length): no mirror, read as it lies."""
+  """Self-attention caches indexed by a clock g: clock value c lives in slot c % n of a ring of n slots.
+
+  A static batch's cache is one ring of `length` slots (its length: it never wraps), read as it lies. In-flight
+  slots share a clock that runs on past any request, and a step should read only the keys its rows still need (a
+  decoding step reads its cache once, so its cost follows the keys it reads: t5-v1_1-small, 8 rows, on a
+  memory-bound 2-core host, 9.2 / 11.6 / 12.5 ms per step over 64 / 128 / 256 slots). So they keep one ring per
+  attention span in `spans` (ascending, the last `length`): every step writes its keys into each ring (one slot
+  each, cheap) and reads the ring of its span whole, in place, as a static batch reads its cache. A ring of n
+  slots holds the last n clock values, so any span that covers every row's keys reads them all.
+
+  Why not one ring and a window: a ring followed by a copy of itself (slot s also written at length + s) holds the
+  last `span` clock values as one slice wherever the clock stands, but XLA:CPU copies a dynamic slice before the
+  attention matmul instead of reading it in place (8 layers of k/v attention over 8 rows, t5-v1_1-small's heads:
+  0.62 ms per step over a 64-slot window of a mirrored 256-slot ring against 0.36 ms for rings of 32-256 slots
+  written each step and the 64-slot one read; 3.6 against 1.7 ms at 256), and a static slice was copied too. The
+  rings take the same memory as the mirror (32 + 64 + 128 + 256 slots against 2 x 256).
+  """
   length: int
-  mirror: int = 0
+  spans: tuple[int, ...] = ()
+
+  @property
+  def sizes(self) -> tuple[int, ...]:
+    return self.spans or (self.length,)
 
 
-def ring_zeros(batch: int, kv_heads: int, ring: Ring, head_dim: int, dtype) -> jax.Array:
-  return zeros(batch, kv_heads, ring.length + ring.mirror, head_dim, dtype)
+def ring_zeros(batch: int, kv_heads: int, ring: Ring, head_dim: int, dtype) -> jax.Array | tuple[jax.Array, ...]:
+  """One layer's caches: an array for a single ring, else a tuple of arrays, one per span."""
+  if not ring.spans:
+    return zeros(batch, kv_heads, ring.length, head_dim, dtype)
+  return tuple(zeros(batch, kv_heads, n, head_dim, dtype) for n in ring.spans)
 
 
-def ring_write(cache: jax.Array, new_BTKH: jax.Array, g: jax.Array, ring: Ring) -> jax.Array:
-  """Writes one new position (B, 1, K, H) at clock g: slot g % length, and its mirror slot when it has one."""
-  slot = jnp.mod(g, ring.length)
-  if not ring.mirror:
-    return write(cache, new_BTKH, slot)
-  # One scatter for both slots: with two in-place writes XLA fused the window's read with the second (reading the
-  # cache between them) and copied the whole cache twice per layer and step to keep both versions.
-  new = store(new_BTKH.transpose(0, 2, 1, 3)).astype(cache.dtype)
-  at = jnp.stack([slot, jnp.where(slot < ring.mirror, slot + ring.length, slot)])
-  return cache.at[..., at, :].set(jnp.concatenate([new, new], axis=-2))
+def _each(rings, fn):
+  """`fn` over a layer's rings (an array, or a tuple of arrays), the same structure back."""
+  return tuple(fn(r) for r in rings) if isinstance(rings, tuple) else fn(rings)
 
 
-def ring_put(cache: jax.Array, rows_A: jax.Array, new_AKSH: jax.Array, batch: int, kv_heads: int,
-             slots_S: jax.Array, ring: Ring) -> jax.Array:
-  """`put` at ring slots `slots_S` (in [0, length)) and at their mirror slots."""
-  cache = put(cache, rows_A, new_AKSH, batch, kv_heads, slots_S)
-  if ring.mirror:  # slots without a mirror point past the cache: dropped
-    cache = put(cache, rows_A, new_AKSH, batch, kv_heads,
-                jnp.where(slots_S < ring.mirror, slots_S + ring.length, ring.length + ring.mirror))
-  return cache
+def ring_write(rings, new_BTKH: jax.Array, g: jax.Array):
+  """Writes one new position (B, 1, K, H) at clock g: slot g % n of each ring of n slots, in place."""
+  return _each(rings, lambda cache: write(cache, new_BTKH, jnp.mod(g, cache.shape[-2])))
 
 
-def window_clocks(g: jax.Array, ring: Ring, span: int) -> jax.Array:
-  """(span,) int32: the clock value each slot of `ring_window(.., g, ring, span)` holds (after step g's write):
-  g - span + 1 .. g in order (a mirrored ring), or for a ring read as it lies each slot's latest value <= g."""
-  if not ring.mirror:
-    return g - jnp.mod(g - jnp.arange(span, dtype=jnp.int32), span)
-  return g - span + 1 + jnp.arange(span, dtype=jnp.int32)
+def ring_read(rings, span: int) -> jax.Array:
+  """The ring of `span` slots (stored layout), to be read whole."""
+  for cache in rings if isinstance(rings, tuple) else (rings,):
+    if cache.shape[-2] == span:
+      return cache
+  sizes = [c.shape[-2] for c in (rings if isinstance(rings, tuple) else (rings,))]
+  raise ValueError(f"no ring of {span} slots; the layer keeps rings of {sizes}")
 
 
-def window_valid(valid_BS: jax.Array, clocks: jax.Array, ring: Ring) -> jax.Array:
-  """A per-slot (B, length) mask, indexed like the ring, over the keys `window_clocks` gave (as they are read)."""
-  return valid_BS if not ring.mirror else jnp.take(valid_BS, jnp.mod(clocks, ring.length), axis=1)
+def ring_put(rings, rows_A: jax.Array, new_AKSH: jax.Array, batch: int, kv_heads: int, clocks_S: jax.Array):
+  """`put` of S positions at clock values `clocks_S` (consecutive, the last the latest) into each ring: a ring of
+  n < S slots takes the last n of them (the earlier ones would be overwritten there)."""
+  S = clocks_S.shape[0]
+
+  def into(cache):
+    first = max(0, S - cache.shape[-2])
+    return put(cache, rows_A, new_AKSH[:, :, first:], batch, kv_heads, jnp.mod(clocks_S[first:], cache.shape[-2]))
+
+  return _each(rings, into)
 
 
-def ring_window(cache: jax.Array, g: jax.Array, ring: Ring, span: int) -> jax.Array:
-  """The stored cache over `span` slots: a ring without mirror as it lies (span == length), else the clock values
-  g - span + 1 .. g as one slice (span <= mirror + 1)."""
-  if not ring.mirror:
-    if span != ring.length:
-      raise ValueError(f"a ring without mirror is read whole ({ring.length} slots), not over {span}")
-    return cache
-  if span > ring.mirror + 1:
-    raise ValueError(f"a window of {span} slots needs a mirror of at least {span - 1}, the ring has {ring.mirror}")
-  start = jnp.mod(g - span + 1, ring.length)
-  return jax.lax.dynamic_slice_in_dim(cache, start, span, axis=cache.ndim - 2)
+def window_clocks(g: jax.Array, span: int) -> jax.Array:
+  """(span,) int32: the clock value each slot of a ring of `span` slots holds after step g's write (the latest
+  value <= g in that slot; negative where nothing was written yet, in a ring that starts at clock 0)."""
+  return g - jnp.mod(g - jnp.arange(span, dtype=jnp.int32), span)
+
+
+def window_valid(valid_BS: jax.Array, clocks: jax.Array) -> jax.Array:
+  """A per-row mask (B, length) indexed like the ring of `length` slots, laid over a ring of fewer slots whose
+  clock values are `clocks` (the mask itself when the ring is that long)."""
+  length = valid_BS.shape[1]
+  return valid_BS if clocks.shape[0] == length else jnp.take(valid_BS, jnp.mod(clocks, length), axis=1)

@@ -10,10 +10,11 @@ Jitted programs, whatever the mix of requests (shapes are static; stagings and a
 The host (t5x_lite/inflight.py) stages requests `slots` at a time and alternates admit and run; nothing inside a
 run returns to the host.
 
-Attention spans: the self-attention caches are rings long enough for the longest request (kv_cache.Ring), but a
-step reads only the last `span` clock values, `span` the smallest of `spans` (powers of two, then the ring's
-length; one compiled run each) that covers every busy slot's keys. A request's keys grow one per step, so the
-host picks the span before each run and the run stops when it would no longer cover them. Static batching reads
+Attention spans: the self-attention caches are rings long enough for the longest request, but a step reads only
+the keys of the last `span` clock values, `span` the smallest of `spans` (powers of two, then the longest
+request's length; one compiled run each) that covers every busy slot's keys: each layer keeps one ring per span,
+written at every step, and a run reads the ring of its span (kv_cache.Ring). A request's keys grow one per step,
+so the host picks the span before each run and the run stops when it would no longer cover them. Static batching reads
 each batch's own cache length; without spans every in-flight step would read the ring sized for the longest
 request of the whole list.
 
@@ -138,7 +139,7 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
   (decoder-only: prompt and new tokens). `sampling`: some request samples (greedy-only runs compile the argmax
   alone); `filters`: some sampling request uses top-k or top-p (each step then sorts the vocabulary)."""
   spans = attention_spans(cache_length)
-  ring = kv_cache.Ring(cache_length, mirror=cache_length)
+  ring = kv_cache.Ring(cache_length, spans)
   slot_decoder = family_of_config(config).slot_decoder(config, slots, input_length, ring)
   R, T = slots, width
   eos_id, pad_id = config.eos_token_id, config.pad_token_id

@@ -66,7 +66,7 @@ class SlotDecoder(NamedTuple):
   """A family's decoder over R slots that requests enter and leave one by one (in-flight batching).
 
   Every slot's self-attention cache is a ring indexed by one clock `g` (scalar int32) that all slots share: step g
-  writes ring slot g % ring.length (and its mirror slot, kv_cache.Ring) in every row, and a request admitted at
+  writes slot g % n of each ring of n slots (one per span, kv_cache.Ring) in every row, and a request admitted at
   clock g0 keeps its prompt (decoder-only) in the slots of clock values [g0 - P, g0). Per-row validity masks keep
   each row to its own request's keys, so the step stays one program with one scalar write position, whatever mix
   of requests the slots hold.
@@ -81,7 +81,8 @@ class SlotDecoder(NamedTuple):
   place(cache, rows_A, staged_A, g) -> cache: writes A staged requests (taken from `encode`'s) into slot rows
     `rows_A` at clock g (rows >= R are padding and dropped).
   step(weights, tokens_R, cache, g, span) -> (logits_RV, cache): feeds each row's token at clock g, reading only
-    the keys of the last `span` clock values (static; the caller keeps every row's keys inside them).
+    the ring of `span` slots, the last `span` clock values (static, one of ring.spans; the caller keeps every
+    row's keys inside them).
   start_token: the token an encoder-decoder's first step feeds (None for decoder-only).
   """
   prepare: Callable

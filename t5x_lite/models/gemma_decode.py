@@ -159,23 +159,24 @@ def empty_cache(config: GemmaConfig, batch: int, ring: kv_cache.Ring) -> dict:
   dtype = jnp.dtype(config.dtype)
   K, H = config.num_kv_heads, config.head_dim
   max_length = ring.length
-  lengths = [ring_size(config, max_length) if s else max_length for s in config.sliding_layers]
-  lengths = [n + ring.mirror if n == max_length else n for n in lengths]
-  return {"k": [kv_cache.zeros(batch, K, n, H, dtype) for n in lengths],
-          "v": [kv_cache.zeros(batch, K, n, H, dtype) for n in lengths],
+  small = ring_size(config, max_length)
+  rings = [kv_cache.Ring(small) if sliding and small < max_length else ring for sliding in config.sliding_layers]
+  return {"k": [kv_cache.ring_zeros(batch, K, r, H, dtype) for r in rings],
+          "v": [kv_cache.ring_zeros(batch, K, r, H, dtype) for r in rings],
           "key_valid": jnp.zeros((batch, max_length), bool), "next_position": jnp.zeros((batch,), jnp.int32)}
 
 
 def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: jax.Array, slot: jax.Array,
-                cache: dict, *, vocab_major: bool = False, cross: dict | None = None, ring: kv_cache.Ring | None = None,
+                cache: dict, *, vocab_major: bool = False, cross: dict | None = None,
                 span: int | None = None) -> tuple[jax.Array, dict]:
   """Feeds `token_B` at position `slot` (scalar, every row): float32 logits (B, V), or (V, B) with
   `vocab_major` (tied heads only; see `decoding.loop.decode_tokens`), and the updated cache.
 
-  Full-attention caches are rings too (`kv_cache.Ring`, by default of S_max slots): position `slot` lives at
-  slot % S_max (static decoding never wraps; an in-flight batch's shared clock does), and `key_valid` (B, S_max),
-  indexed the same way, holds each row's keys. With `span` a mirrored ring is read over its last `span` positions
-  only (sliding layers whose window is shorter than S_max keep their own small ring, read whole).
+  Full-attention caches are rings too (`kv_cache.Ring`) of S_max slots: position `slot` lives at slot % S_max
+  (static decoding never wraps; an in-flight batch's shared clock does), and `key_valid` (B, S_max), indexed the
+  same way, holds each row's keys. In-flight slots keep a tuple of rings per layer, one per attention span, and
+  the step reads the ring of `span` slots (sliding layers whose window is shorter than S_max keep their own small
+  ring, read whole).
 
   `layers` is `decode_layer_params(params, config)`. Activations run feature-major, x (D, B), between the
   (out, in) weight matmuls; q/k norms, RoPE and attention work on (B, 1, heads, H). `cross` ({"k", "v": one
@@ -186,21 +187,20 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
   inv, scale = _setup(config)
   S_max = cache["key_valid"].shape[1]
-  full = kv_cache.Ring(S_max) if ring is None else ring
   span = S_max if span is None else span
-  small = kv_cache.Ring(ring_size(config, S_max))  # sliding layers' own ring when the window is shorter
+  small = ring_size(config, S_max)  # sliding layers' own ring when the window is shorter
   key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((B, 1), bool), (0, jnp.mod(slot, S_max)))
   positions = cache["next_position"][:, None]
   if config.bidirectional:
     raise ValueError("a bidirectional Gemma 3 has no causal decoding")
-  clocks = kv_cache.window_clocks(slot, full, span)  # the position each key read holds
-  valid = kv_cache.window_valid(key_valid, clocks, full)
+  clocks = kv_cache.window_clocks(slot, span)  # the position each key read holds
+  valid = kv_cache.window_valid(key_valid, clocks)
   full_mask = valid[:, None, None, :]  # slots after this one are not written yet (or hold no valid key)
   window = config.sliding_window or S_max
-  if small.length == S_max:  # sliding layers read the full layers' keys, those within the window
+  if small == S_max:  # sliding layers read the full layers' keys, those within the window
     window_mask = ((clocks > slot - window)[None, :] & valid)[:, None, None, :]
   else:
-    ring_slot = kv_cache.window_clocks(slot, small, small.length)
+    ring_slot = kv_cache.window_clocks(slot, small)
     in_window = (ring_slot >= 0) & (ring_slot > slot - window)
     window_valid = jnp.take(key_valid, jnp.mod(jnp.maximum(ring_slot, 0), S_max), axis=1)
     window_mask = (in_window[None, :] & window_valid)[:, None, None, :]
@@ -222,13 +222,13 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
     if config.qk_norm:
       q, k = norm(q, p["q_norm"], -1), norm(k, p["k_norm"], -1)
     q, k = apply_rope(q, positions, inv[sliding]), apply_rope(k, positions, inv[sliding])
-    own, own_span = (small, small.length) if sliding and small.length < S_max else (full, span)
-    new_k.append(kv_cache.ring_write(cache["k"][i], k, slot, own))
-    new_v.append(kv_cache.ring_write(cache["v"][i], v, slot, own))
+    own_span = small if sliding and small < S_max else span
+    new_k.append(kv_cache.ring_write(cache["k"][i], k, slot))
+    new_v.append(kv_cache.ring_write(cache["v"][i], v, slot))
     also = None if cross is None else (kv_cache.view(cross["k"][i], B, K), kv_cache.view(cross["v"][i], B, K),
                                        cross["mask"])
-    attn = cached_attention(q, kv_cache.view(kv_cache.ring_window(new_k[i], slot, own, own_span), B, K),
-                            kv_cache.view(kv_cache.ring_window(new_v[i], slot, own, own_span), B, K),
+    attn = cached_attention(q, kv_cache.view(kv_cache.ring_read(new_k[i], own_span), B, K),
+                            kv_cache.view(kv_cache.ring_read(new_v[i], own_span), B, K),
                             mask=window_mask if sliding else full_mask, scale=scale,
                             softcap=config.attn_logit_softcap, also=also)
     h = quant.matmul(p["o"], attn.reshape(B, N * H).T)
@@ -278,23 +278,18 @@ def decoder(params: dict, config: GemmaConfig, input_ids_BP: jax.Array, attentio
 
 
 def write_prompts(config: GemmaConfig, cache: dict, rows_A: jax.Array, kvs: list, mask_AP: jax.Array,
-                  g: jax.Array, ring: kv_cache.Ring) -> dict:
+                  g: jax.Array) -> dict:
   """`cache` (R slots, `empty_cache(.., ring)`'s layout) with rows `rows_A` holding prompts (their keys and values
-  `kvs`, as `prompt_keys` gives them) at the clock values [g - P, g): full layers at those values % S_max (and
-  their mirror slots), sliding layers with a shorter window their last window positions at the values % window;
-  `key_valid` the prompts' mask; positions continue them."""
+  `kvs`, as `prompt_keys` gives them) at the clock values [g - P, g) (each ring of n slots takes the last n of
+  them, kv_cache.ring_put); `key_valid` the prompts' mask; positions continue them."""
   R, S = cache["key_valid"].shape
   A, P = mask_AP.shape
   K = config.num_kv_heads
   clock = g - P + jnp.arange(P)
-  small = ring_size(config, S)
-  last = P - min(P, small)  # earlier prompt positions would be overwritten in the ring anyway
   k, v = [], []
-  for (k_APKH, v_APKH), old_k, old_v, sliding in zip(kvs, cache["k"], cache["v"], config.sliding_layers):
-    own, first = (kv_cache.Ring(small), last) if sliding and small < S else (ring, 0)
-    at = jnp.mod(clock[first:], own.length)
-    k.append(kv_cache.ring_put(old_k, rows_A, k_APKH[:, first:].transpose(0, 2, 1, 3), R, K, at, own))
-    v.append(kv_cache.ring_put(old_v, rows_A, v_APKH[:, first:].transpose(0, 2, 1, 3), R, K, at, own))
+  for (k_APKH, v_APKH), old_k, old_v in zip(kvs, cache["k"], cache["v"]):
+    k.append(kv_cache.ring_put(old_k, rows_A, k_APKH.transpose(0, 2, 1, 3), R, K, clock))
+    v.append(kv_cache.ring_put(old_v, rows_A, v_APKH.transpose(0, 2, 1, 3), R, K, clock))
   valid = jnp.zeros((A, S), bool).at[:, jnp.mod(clock, S)].set(mask_AP.astype(bool))
   return {**cache, "k": k, "v": v, "key_valid": cache["key_valid"].at[rows_A].set(valid, mode="drop"),
           "next_position": cache["next_position"].at[rows_A].set(jnp.sum(mask_AP, axis=1).astype(jnp.int32),
@@ -324,9 +319,9 @@ def slot_decoder(config: GemmaConfig, slots: int, input_length: int, ring: kv_ca
             "mask": jnp.pad(mask_AP.astype(bool), ((0, 0), (E - P, 0)))}, logits_AV
 
   def place(cache, rows_A, staged, g):
-    return write_prompts(config, cache, rows_A, staged["kvs"], staged["mask"], g, ring)
+    return write_prompts(config, cache, rows_A, staged["kvs"], staged["mask"], g)
 
   def step(weights, tokens_R, cache, g, span):
-    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache, ring=ring, span=span)
+    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache, span=span)
 
   return SlotDecoder(prepare, init, encode_requests, place, step, None)

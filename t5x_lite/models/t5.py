@@ -345,34 +345,33 @@ def cross_attention_kv(layers: list[dict], config: T5Config, encoded_BSD: jax.Ar
 
 def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: jax.Array, index: jax.Array,
                  cache: dict, cross_kv: dict, encoder_mask_BS: jax.Array | None,
-                 self_valid_BS: jax.Array | None = None, ring: kv_cache.Ring | None = None,
-                 span: int | None = None) -> tuple[jax.Array, dict]:
+                 self_valid_BS: jax.Array | None = None, span: int | None = None) -> tuple[jax.Array, dict]:
   """One decoder position for every row: feeds `token_B` at position `index` (scalar), returns the float32 logits
   (B, V) for the next token and the cache with that position written (in place: `dynamic_update_slice`).
 
-  The self-attention cache is a ring (`kv_cache.Ring`, by default the cache's own length): position i lives in slot
-  i % S_max (static decoding never wraps). Keys are the slots written so far, or with `self_valid_BS` (B, S_max)
-  the slots marked there, per row (in-flight batching: a slot's request started at some earlier position). With
-  `span` the step reads only the last `span` positions (a mirrored ring's window). The relative bias reads each
-  key's distance from `index`, the same for every row whenever its request started.
+  Each layer's self-attention cache is a ring (`kv_cache.Ring`): position i lives in slot i % S_max (static
+  decoding never wraps), or a tuple of rings, one per attention span, of which the step reads the ring of `span`
+  slots (in-flight batching). Keys are the slots written so far, or with `self_valid_BS` (B, S_max) the slots
+  marked there (indexed i % S_max), per row (in-flight batching: a slot's request started at some earlier
+  position). The relative bias reads each key's distance from `index`, the same for every row whenever its
+  request started.
 
   `layers` is `decoder_layer_params(params, config)`; `params` gives the embedding, relpos table, final norm
   and head. Activations run feature-major, x (D, B), between the (out, in) weight matmuls.
   """
   B = token_B.shape[0]
   N, H = config.num_heads, config.head_dim
-  ring = kv_cache.Ring(cache["k"][0].shape[-2]) if ring is None else ring
-  span = ring.length if span is None else span
+  span = cache["k"][0].shape[-2] if span is None else span
   dtype = jnp.dtype(config.dtype)
   eps = config.layer_norm_epsilon
   dec = params["decoder"]
   q_pos = jnp.full((1, 1), index, jnp.int32)
-  clocks = kv_cache.window_clocks(index, ring, span)  # the position each key read holds
+  clocks = kv_cache.window_clocks(index, span)  # the position each key read holds
   k_pos = clocks[None, :]
   if self_valid_BS is None:
     self_mask = (k_pos >= 0)[:, None, None, :]  # (1, 1, 1, span): positions written so far, this one included
   else:
-    self_mask = masks.key_padding_mask(kv_cache.window_valid(self_valid_BS, clocks, ring))
+    self_mask = masks.key_padding_mask(kv_cache.window_valid(self_valid_BS, clocks))
   cross_mask = None if encoder_mask_BS is None else masks.key_padding_mask(encoder_mask_BS)
   shared_bias = None if config.relative_bias_per_layer else _relpos_bias(config, dec["relpos"], q_pos, k_pos, False)
   act = ACTIVATIONS[config.mlp_activation]
@@ -389,11 +388,10 @@ def decoder_step(params: dict, config: T5Config, layers: list[dict], token_B: ja
     bias = shared_bias if shared_bias is not None else _relpos_bias(config, p["relpos"], q_pos, k_pos, False)
     h = rms_norm(x_DB, p["attn_norm"], eps=eps, axis=0)
     q, k, v = (heads(y) for y in quant.matmul(p["qkv"], h))
-    new_k.append(kv_cache.ring_write(cache["k"][i], k, index, ring))
-    new_v.append(kv_cache.ring_write(cache["v"][i], v, index, ring))
-    attn = cached_attention(q, kv_cache.view(kv_cache.ring_window(new_k[i], index, ring, span), B, N),
-                            kv_cache.view(kv_cache.ring_window(new_v[i], index, ring, span), B, N), mask=self_mask,
-                            bias=bias)
+    new_k.append(kv_cache.ring_write(cache["k"][i], k, index))
+    new_v.append(kv_cache.ring_write(cache["v"][i], v, index))
+    attn = cached_attention(q, kv_cache.view(kv_cache.ring_read(new_k[i], span), B, N),
+                            kv_cache.view(kv_cache.ring_read(new_v[i], span), B, N), mask=self_mask, bias=bias)
     x_DB = x_DB + attend_out(p["o"], attn)
     h = rms_norm(x_DB, p["cross_norm"], eps=eps, axis=0)
     attn = cached_attention(heads(quant.matmul(p["cross_q"], h)), kv_cache.view(cross_kv["k"][i], B, N),
@@ -469,7 +467,7 @@ def slot_decoder(config: T5Config, slots: int, input_length: int, ring: kv_cache
     valid = cache["valid"].at[:, jnp.mod(g, S)].set(True)
     logits, kv = decoder_step(weights["params"], config, weights["layers"], tokens_R, g,
                               {"k": cache["k"], "v": cache["v"]}, {"k": cache["cross_k"], "v": cache["cross_v"]},
-                              cache["encoder_mask"], valid, ring, span)
+                              cache["encoder_mask"], valid, span)
     return logits, {**cache, **kv, "valid": valid}
 
   return SlotDecoder(prepare, init, encode_requests, place, step, config.decoder_start_token_id)
