@@ -88,12 +88,14 @@ def _filtered(logits_RV: jax.Array, temperature_R, top_k_R, top_p_R, filters: bo
   return jnp.where(remove, -jnp.inf, logits)
 
 
-def _choose(logits_RV, keys_R2, t_R, sample_R, temperature_R, top_k_R, top_p_R, *, sampling: bool,
-            filters: bool) -> jax.Array:
-  """(R,) int32: argmax per row, or for sampling rows one draw with fold_in(request key, t)."""
-  greedy = argmax(logits_RV, axis=-1)
+def _choose(logits, keys_R2, t_R, sample_R, temperature_R, top_k_R, top_p_R, *, sampling: bool, filters: bool,
+            vocab_major: bool = False) -> jax.Array:
+  """(R,) int32: argmax per row, or for sampling rows one draw with fold_in(request key, t). `logits` (R, V), or
+  (V, R) with `vocab_major` (the argmax reads them as they lie; only sampling transposes them)."""
+  greedy = argmax(logits, axis=0 if vocab_major else -1)
   if not sampling:
     return greedy
+  logits_RV = logits.T if vocab_major else logits
   filtered = _filtered(logits_RV.astype(jnp.float32), temperature_R, top_k_R, top_p_R, filters)
   draw_keys = jax.vmap(lambda k, t: jax.random.fold_in(jax.random.wrap_key_data(k), t))(keys_R2, t_R)
   drawn = jax.vmap(jax.random.categorical)(draw_keys, filtered).astype(jnp.int32)
@@ -210,7 +212,8 @@ def programs(config, *, slots: int, input_length: int, cache_length: int, width:
 
     def body(s):
       logits, cache = slot_decoder.step(weights, s.tokens, s.cache, s.clock, span)
-      tokens = choose(logits, s.keys, s.count, s.sample, s.temperature, s.top_k, s.top_p)
+      tokens = choose(logits, s.keys, s.count, s.sample, s.temperature, s.top_k, s.top_p,
+                      vocab_major=slot_decoder.vocab_major)
       at = jnp.where(s.done, T, s.count)  # finished rows write nothing (index T is dropped)
       out = s.out.at[jnp.arange(R), at].set(tokens, mode="drop")
       count = s.count + (~s.done).astype(jnp.int32)

@@ -84,6 +84,7 @@ class SlotDecoder(NamedTuple):
     the ring of `span` slots, the last `span` clock values (static, one of ring.spans; the caller keeps every
     row's keys inside them).
   start_token: the token an encoder-decoder's first step feeds (None for decoder-only).
+  vocab_major: step's logits are (V, R) (a tied head; see `Decoder`), `encode`'s first logits still (A, V).
   """
   prepare: Callable
   init: Callable
@@ -91,6 +92,7 @@ class SlotDecoder(NamedTuple):
   place: Callable
   step: Callable
   start_token: int | None
+  vocab_major: bool = False
 
 
 def _no_check(config, input_ids_BS, decoder_input_ids_BT) -> None:  # pylint: disable=unused-argument

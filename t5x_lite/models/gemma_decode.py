@@ -322,6 +322,7 @@ def slot_decoder(config: GemmaConfig, slots: int, input_length: int, ring: kv_ca
     return write_prompts(config, cache, rows_A, staged["kvs"], staged["mask"], g)
 
   def step(weights, tokens_R, cache, g, span):
-    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache, span=span)
+    return decode_step(weights["params"], config, weights["layers"], tokens_R, g, cache, span=span,
+                       vocab_major=config.tie_lm_head)
 
-  return SlotDecoder(prepare, init, encode_requests, place, step, None)
+  return SlotDecoder(prepare, init, encode_requests, place, step, None, vocab_major=config.tie_lm_head)

@@ -275,10 +275,10 @@ def slot_decoder(config: T5Gemma2Config, slots: int, input_length: int, ring: kv
     cross = {"k": cache["encoder_k"], "v": cache["encoder_v"], "mask": masks.key_padding_mask(cache["encoder_mask"])}
     own = {name: cache[name] for name in ("k", "v", "key_valid", "next_position")}
     logits, own = gemma_decode.decode_step(weights["view"], cfg, weights["layers"], tokens_R, g, own, cross=cross,
-                                           span=span)
+                                           span=span, vocab_major=True)
     return logits, {**cache, **own}
 
-  return SlotDecoder(prepare, init, encode_requests, place, step, config.decoder_start_token_id)
+  return SlotDecoder(prepare, init, encode_requests, place, step, config.decoder_start_token_id, vocab_major=True)
 
 
 def image_rows(config: T5Gemma2Config, input_ids_BS: np.ndarray, pixel_values_I3HW) -> np.ndarray:
