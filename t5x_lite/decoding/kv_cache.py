@@ -83,10 +83,6 @@ class Ring(NamedTuple):
   length: int
   spans: tuple[int, ...] = ()
 
-  @property
-  def sizes(self) -> tuple[int, ...]:
-    return self.spans or (self.length,)
-
 
 def ring_zeros(batch: int, kv_heads: int, ring: Ring, head_dim: int, dtype) -> jax.Array | tuple[jax.Array, ...]:
   """One layer's caches: an array for a single ring, else a tuple of arrays, one per span."""
@@ -95,8 +91,13 @@ def ring_zeros(batch: int, kv_heads: int, ring: Ring, head_dim: int, dtype) -> j
   return tuple(zeros(batch, kv_heads, n, head_dim, dtype) for n in ring.spans)
 
 
+def _as_tuple(rings) -> tuple[jax.Array, ...]:
+  """A layer's rings (an array, or a tuple of arrays) as a tuple."""
+  return rings if isinstance(rings, tuple) else (rings,)
+
+
 def _each(rings, fn):
-  """`fn` over a layer's rings (an array, or a tuple of arrays), the same structure back."""
+  """`fn` over a layer's rings, the same structure back."""
   return tuple(fn(r) for r in rings) if isinstance(rings, tuple) else fn(rings)
 
 
@@ -107,11 +108,10 @@ def ring_write(rings, new_BTKH: jax.Array, g: jax.Array):
 
 def ring_read(rings, span: int) -> jax.Array:
   """The ring of `span` slots (stored layout), to be read whole."""
-  for cache in rings if isinstance(rings, tuple) else (rings,):
+  for cache in _as_tuple(rings):
     if cache.shape[-2] == span:
       return cache
-  sizes = [c.shape[-2] for c in (rings if isinstance(rings, tuple) else (rings,))]
-  raise ValueError(f"no ring of {span} slots; the layer keeps rings of {sizes}")
+  raise ValueError(f"no ring of {span} slots; the layer keeps rings of {[c.shape[-2] for c in _as_tuple(rings)]}")
 
 
 def ring_put(rings, rows_A: jax.Array, new_AKSH: jax.Array, batch: int, kv_heads: int, clocks_S: jax.Array):

@@ -202,8 +202,7 @@ def decode_step(params: dict, config: GemmaConfig, layers: list[dict], token_B: 
   else:
     ring_slot = kv_cache.window_clocks(slot, small)
     in_window = (ring_slot >= 0) & (ring_slot > slot - window)
-    window_valid = jnp.take(key_valid, jnp.mod(jnp.maximum(ring_slot, 0), S_max), axis=1)
-    window_mask = (in_window[None, :] & window_valid)[:, None, None, :]
+    window_mask = (in_window[None, :] & kv_cache.window_valid(key_valid, ring_slot))[:, None, None, :]
   eps = config.rms_norm_eps
   act = ACTIVATIONS[config.mlp_activation]
 
